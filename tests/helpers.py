@@ -91,3 +91,73 @@ def greedy_no_cache(model, ref: dict, steps: int) -> tuple[torch.Tensor, list[to
 
 def selection_of(model):
     return vtprune.get_pruner(model).last
+
+
+def capture_language_model_inputs(model, inputs) -> dict:
+    """What the (unwrapped) language model receives for ``inputs``: embeddings, 2-D mask, positions."""
+    lm = model.model.language_model
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return {k: seen[k] for k in ("inputs_embeds", "attention_mask", "position_ids")}
+
+
+def masked_layers_forward(model, embeds, mask2d, position_ids, alive) -> torch.Tensor:
+    """Logits of the language model where layer ``l`` attends only to keys ``alive[l]`` (B, L) - the
+    masking counterpart of dropping tokens between layers (no gathering, no cache)."""
+    lm = model.model.language_model
+    batch, seq = mask2d.shape
+    neg = torch.finfo(embeds.dtype).min
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    with torch.no_grad():
+        pos_emb = lm.rotary_emb(embeds, position_ids)
+        text_pos = position_ids if position_ids.ndim == 2 else position_ids[0]
+        h = embeds
+        for layer, keys in zip(lm.layers, alive):
+            allowed = causal[None] & (mask2d.bool() & keys)[:, None, :]
+            mask4d = torch.zeros(batch, 1, seq, seq, dtype=embeds.dtype).masked_fill(~allowed[:, None], neg)
+            h = layer(
+                h, attention_mask=mask4d, position_embeddings=pos_emb, position_ids=text_pos, cache=None
+            )
+        return model.lm_head(lm.norm(h)).float()
+
+
+def alive_per_layer(engine, batch: int, seq: int) -> list[torch.Tensor]:
+    alive = []
+    for index in engine.layer_index:
+        keys = torch.ones(batch, seq, dtype=torch.bool)
+        if index is not None:
+            keys = torch.zeros(batch, seq, dtype=torch.bool)
+            for b in range(batch):
+                keys[b, index[b][index[b] >= 0]] = True
+        alive.append(keys)
+    return alive
+
+
+def greedy_masked_no_cache(model, lm_inputs, alive, steps) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    embeds, mask, pos = lm_inputs["inputs_embeds"], lm_inputs["attention_mask"], lm_inputs["position_ids"]
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if pos is None:
+        pos = torch.arange(embeds.shape[1]).expand(embeds.shape[0], -1)
+    embed_tokens = model.get_input_embeddings()
+    tokens, logits = [], []
+    for _ in range(steps):
+        step_logits = masked_layers_forward(model, embeds, mask, pos, alive)[:, -1]
+        nxt = step_logits.argmax(-1)
+        tokens.append(nxt)
+        logits.append(step_logits)
+        with torch.no_grad():
+            embeds = torch.cat([embeds, embed_tokens(nxt)[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
+        pos = torch.cat([pos, pos[..., -1:] + 1], -1)
+        alive = [torch.cat([a, torch.ones_like(a[:, :1])], -1) for a in alive]
+    return torch.stack(tokens, 1), logits

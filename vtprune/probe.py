@@ -1,4 +1,4 @@
-"""Read one attention statistic out of the vision encoder without materialising eager attention maps.
+"""Read one attention statistic out of an attention module without materialising eager attention maps.
 
 The tagged attention module gets a private copy of its config whose ``_attn_implementation`` names a
 registered function (``"vtprune_probe"``). That function computes only what the method needs from the
@@ -17,19 +17,20 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["PROBE_IMPL", "VisionProbe"]
+__all__ = ["PROBE_IMPL", "AttentionProbe"]
 
 PROBE_IMPL = "vtprune_probe"
 _QUERY_CHUNK = 1024  # rows of the softmax materialised at once by the "received" statistic
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    probe: VisionProbe | None = module.__dict__.get("_vtprune_probe")
+    probe: AttentionProbe | None = module.__dict__.get("_vtprune_probe")
     if probe is None:
         raise RuntimeError(
             f"attention implementation {PROBE_IMPL!r} was called by an untagged module {type(module).__name__}"
         )
-    probe.record(query, key, attention_mask, scaling)
+    if probe.active:
+        probe.record(query, key, attention_mask, scaling)
     return probe.inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -41,19 +42,25 @@ def _register() -> None:
     AttentionMaskInterface.register(PROBE_IMPL, sdpa_mask)
 
 
-class VisionProbe:
-    """Records an attention statistic of one vision-encoder attention module.
+class AttentionProbe:
+    """Records an attention statistic of one attention module.
 
     Args:
-        module: the attention module to tag (e.g. ``CLIPAttention`` of layer -2).
+        module: the attention module to tag (e.g. ``CLIPAttention`` of layer -2, or a decoder layer's
+            ``self_attn``).
         kind: ``"cls"`` records the [CLS] query's attention to every patch, averaged over heads, as a
             ``(batch, num_patches)`` tensor (the [CLS] column itself dropped). ``"received"`` records, for
             each call, the attention every token *receives* averaged over heads and queries, as a
-            ``(batch, seq)`` tensor (Qwen-VL's ViT calls once per image).
+            ``(batch, seq)`` tensor (Qwen-VL's ViT calls once per image). ``"last"`` records the last
+            query's attention to every key, averaged over heads, ``(batch, kv_len)`` (FastV's signal).
+
+    Recording happens only while ``active`` is True (the vision encoder: always; a decoder layer: at
+    prefill only).
     """
 
-    def __init__(self, module: nn.Module, kind: str):
-        if kind not in ("cls", "received"):
+    def __init__(self, module: nn.Module, kind: str, active: bool = True):
+        self.active = active
+        if kind not in ("cls", "received", "last"):
             raise ValueError(f"unknown probe kind {kind!r}")
         _register()
         self.module = module
@@ -94,10 +101,12 @@ class VisionProbe:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if key.shape[1] != query.shape[1]:  # grouped KV heads
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        if self.kind == "cls":
-            logits = torch.matmul(query[:, :, :1].float(), key.float().transpose(-1, -2)) * scale
-            logits = _apply_mask(logits, attention_mask, rows=slice(0, 1))
-            self.records.append(logits.softmax(-1).mean(dim=1)[:, 0, 1:])
+        if self.kind in ("cls", "last"):
+            row = 0 if self.kind == "cls" else query.shape[2] - 1
+            logits = torch.matmul(query[:, :, row : row + 1].float(), key.float().transpose(-1, -2)) * scale
+            logits = _apply_mask(logits, attention_mask, rows=slice(row, row + 1))
+            weights = logits.softmax(-1).mean(dim=1)[:, 0]
+            self.records.append(weights[:, 1:] if self.kind == "cls" else weights)
         else:
             seq = query.shape[2]
             received = torch.zeros(query.shape[0], query.shape[1], key.shape[2], device=query.device)

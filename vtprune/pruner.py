@@ -26,9 +26,10 @@ from torch import nn
 
 from .config import PruneConfig
 from .integrations import get_integration
+from .layers import LayerEngine
 from .methods import get_method
 from .patching import Patcher
-from .probe import VisionProbe
+from .probe import AttentionProbe
 from .selection import SampleSelection, select_visual_tokens
 from .sequence import Prefix, cache_length, compact
 
@@ -40,6 +41,7 @@ class _Pending:
     """Selection made by the multimodal forward, consumed by the language model's forward."""
 
     keep: torch.Tensor  # (batch, seq) bool
+    image_mask: torch.Tensor  # (batch, seq) bool
     kept_visual: list[torch.Tensor]
     visual_in: list[int]
 
@@ -71,10 +73,13 @@ class Pruner:
         self.integration = get_integration(model)
         self.integration.check(config)
         self.spec = get_method(config)
-        self.scorer = self.spec.make_scorer(config)
-        positions = config.positions if config.positions != "auto" else self.integration.default_positions
+        self.scorer = self.spec.make_scorer(config) if self.spec.stage == "pre" else None
+        self.engine: LayerEngine | None = None
+        self.text_probes: dict[int, AttentionProbe] = {}
+        positions = getattr(config, "positions", "auto")
+        positions = positions if positions != "auto" else self.integration.default_positions
         self.contiguous = positions == "contiguous"
-        self.probe: VisionProbe | None = None
+        self.probe: AttentionProbe | None = None
         self.patcher = Patcher()
         self.last: list[SampleSelection] | None = None
         self._pending: _Pending | None = None
@@ -87,8 +92,10 @@ class Pruner:
         try:
             if self.spec.probe is not None:
                 module, kind = integration.probe_target(self.config, self.spec.probe)
-                self.probe = VisionProbe(module, kind)
+                self.probe = AttentionProbe(module, kind)
                 self.probe.attach(self.patcher)
+            if self.spec.stage == "layers":
+                self._attach_layers()
             self._patch_method(inner, "get_image_features", self._get_image_features)
             self._patch_method(inner, "forward", self._multimodal_forward)
             self._patch_method(lm, "forward", self._language_forward)
@@ -98,10 +105,28 @@ class Pruner:
             self.patcher.restore()
             raise
 
+    def _attach_layers(self) -> None:
+        layers = self.integration.decoder_layers
+        plan = self.spec.make_plan(self.config, len(layers))
+        self.engine = LayerEngine(plan, len(layers), self.integration.language_model.config)
+        for idx in plan.probe_layers:
+            probe = AttentionProbe(layers[idx].self_attn, plan.probe_kind, active=False)
+            probe.attach(self.patcher)
+            self.text_probes[idx] = probe
+        self.engine.probes = self.text_probes
+        for idx, layer in enumerate(layers):
+            self._patch_method(layer, "forward", functools.partial(self._decoder_layer, idx))
+
     def detach(self) -> None:
         self.patcher.restore()
         self._pending = self._prefix = None
-        self.probe = None
+        self.probe = self.engine = None
+        self.text_probes = {}
+
+    def _decoder_layer(self, idx, original, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("vtprune expects decoder layers to be called as layer(hidden_states, **kwargs)")
+        return self.engine.run_layer(idx, original, hidden_states, kwargs)
 
     def _patch_method(self, obj, name, impl) -> None:
         original = getattr(obj, name)
@@ -168,10 +193,14 @@ class Pruner:
                     "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
                     "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
                 )
-        scores = self.scorer(probe_scores, sizes)
         image_mask = input_ids == self.integration.image_token_id
-        keep, kept_visual = select_visual_tokens(image_mask, scores, self.config.keep_ratio)
-        self._pending = _Pending(keep, kept_visual, image_mask.sum(-1).tolist())
+        if self.scorer is not None:
+            scores = self.scorer(probe_scores, sizes)
+            keep, kept_visual = select_visual_tokens(image_mask, scores, self.config.keep_ratio)
+        else:  # in-LLM methods: the LLM input keeps every visual token
+            keep = torch.ones_like(image_mask)
+            kept_visual = [torch.arange(int(n)) for n in image_mask.sum(-1).tolist()]
+        self._pending = _Pending(keep, image_mask, kept_visual, image_mask.sum(-1).tolist())
         try:
             return original(**kwargs)
         finally:
@@ -192,6 +221,12 @@ class Pruner:
             kwargs["attention_mask"], kwargs["position_ids"] = prefix.translate(
                 kwargs.get("attention_mask"), kwargs.get("position_ids"), q_len, past
             )
+            if self.engine is not None:
+                self.engine.begin_decode(kwargs["attention_mask"])
+                try:
+                    return original(**kwargs)
+                finally:
+                    self.engine.end_decode()
         elif past == 0:
             self._prefix = None
         return original(**kwargs)
@@ -210,6 +245,25 @@ class Pruner:
             position_ids=packed.position_ids,
         )
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(pending.keep)
+        engine = self.engine
+        if engine is not None:
+            image_mask = pending.image_mask
+            visual = torch.gather(image_mask, 1, packed.index.clamp(min=0)) & (packed.index >= 0)
+            engine.begin_prefill(visual, packed.attention_mask)
+            for probe in self.text_probes.values():
+                probe.active = True
+            try:
+                out = original(**kwargs)
+            finally:
+                engine.end_prefill()
+                for probe in self.text_probes.values():
+                    probe.active = False
+                    probe.clear()
+            layer_visual = engine.visual_counts().tolist()
+        else:
+            out = None
+            n_layers = len(self.integration.decoder_layers)
+            layer_visual = [[len(v)] * n_layers for v in pending.kept_visual]
         self.last = [
             SampleSelection(
                 kept_visual=pending.kept_visual[b],
@@ -218,10 +272,12 @@ class Pruner:
                 visual_out=int(pending.kept_visual[b].numel()),
                 tokens_in=int(real[b].sum()),
                 tokens_out=int(packed.attention_mask[b].sum()),
+                layer_visual=layer_visual[b],
             )
             for b in range(pending.keep.shape[0])
         ]
-        out = original(**kwargs)
+        if out is None:
+            out = original(**kwargs)
         cache = getattr(out, "cache", None)
         self._prefix = None
         if cache is not None:

@@ -35,7 +35,9 @@ class SampleSelection:
         kept_visual: indices (ascending) into this sample's visual tokens of the tokens kept.
         kept_columns: indices (ascending) into the original prompt of every token the LLM saw.
         visual_in / visual_out: visual tokens before / after pruning.
-        tokens_in / tokens_out: prompt tokens (padding excluded) before / after pruning.
+        tokens_in / tokens_out: prompt tokens (padding excluded) before / after pruning before the LLM.
+        layer_visual: visual tokens each decoder layer processed at prefill (for in-LLM methods this
+            falls layer by layer; FLOPs are counted from it).
     """
 
     kept_visual: torch.Tensor
@@ -44,6 +46,7 @@ class SampleSelection:
     visual_out: int
     tokens_in: int
     tokens_out: int
+    layer_visual: list[int]
 
 
 def select_visual_tokens(

@@ -74,6 +74,10 @@ class Integration:
         return self.inner.language_model
 
     @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 

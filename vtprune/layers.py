@@ -1,0 +1,231 @@
+"""Drop visual tokens *between* decoder layers of the language model.
+
+One engine serves every method that prunes inside the LLM (FastV, static visual-token exit, DyVTE...). A
+method supplies a *plan*: after each decoder layer the plan may return which of the current tokens the
+next layers keep. The engine then gathers, for the remaining layers,
+
+* the hidden states and the rotary ``(cos, sin)`` of the kept tokens (positions stay the original ones),
+* the text position ids the layers receive,
+* a per-layer 2-D padding mask, from which the layer's 4-D mask is rebuilt with HF's own
+  ``create_causal_mask(..., layer_idx=...)`` so that its format matches the attention implementation and
+  its size matches that layer's cache (shorter caches in later layers; padded for static caches).
+
+At decode the new token is never dropped, so only the masks differ per layer: each layer's cache holds its
+own subset of the prompt, and the engine rebuilds the mask for layers whose subset differs from layer 0's.
+Samples of a batch may keep different numbers of tokens: rows are re-left-padded (see
+:func:`vtprune.kernels.keep_mask_to_index`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels.gather import gather_tokens, keep_mask_to_index
+
+__all__ = ["LayerPlan", "LayerEngine"]
+
+
+class LayerPlan:
+    """Base of in-LLM pruning plans. Subclasses override :meth:`decide` (and may use an attention probe).
+
+    Attributes:
+        probe_layers: decoder layers whose attention the plan reads (the engine arms a probe on each).
+    """
+
+    probe_layers: tuple[int, ...] = ()
+    probe_kind: str = "last"
+
+    def reset(self) -> None:
+        """Called at the start of every prefill."""
+
+    def decide(
+        self, layer: int, hidden: torch.Tensor, visual: torch.Tensor, real: torch.Tensor, attention: dict
+    ) -> torch.Tensor | None:
+        """Tokens kept by the layers after ``layer``.
+
+        Args:
+            layer: index of the decoder layer that just ran.
+            hidden: ``(batch, seq, hidden)`` its output.
+            visual: ``(batch, seq)`` bool, True at (still present) visual tokens.
+            real: ``(batch, seq)`` bool, False at padding.
+            attention: ``{layer: (batch, seq) tensor}`` probe records of this prefill so far.
+
+        Returns:
+            ``(batch, seq)`` bool keep mask (text tokens must stay), or None to keep everything.
+        """
+        return None
+
+
+@dataclass
+class _Current:
+    """Token set the next layers see during a prefill, once something was dropped."""
+
+    index: torch.Tensor  # (batch, seq) index into the LLM input columns, -1 at padding
+    mask2d: torch.Tensor  # (batch, seq) long
+    visual: torch.Tensor  # (batch, seq) bool
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    position_ids: torch.Tensor | None = None
+    mask4d: object = None
+
+
+@dataclass
+class LayerEngine:
+    """Per-model state of in-LLM dropping. ``num_layers`` decoder layers, ``config`` the text config."""
+
+    plan: LayerPlan
+    num_layers: int
+    config: object
+    # prefill state
+    current: _Current | None = None
+    visual: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    attention: dict = field(default_factory=dict)
+    counts: list = field(default_factory=list)  # per layer: (batch,) visual tokens the layer processed
+    layer_index: list = field(default_factory=list)  # per layer: (batch, seq) LLM-input columns, or None=all
+    # decode state: per layer, the 2-D padding mask of the prompt part its cache holds (None = as layer 0)
+    prompt_masks: list = field(default_factory=list)
+    prompt_len: int = 0
+    decode_mask2d: torch.Tensor | None = None
+    prefilling: bool = False
+    decoding: bool = False
+    probes: dict = field(default_factory=dict)  # layer -> AttentionProbe armed on its self-attention
+
+    # ------------------------------------------------------------------------------------------ phases
+    def begin_prefill(self, visual: torch.Tensor, mask2d: torch.Tensor) -> None:
+        self.plan.reset()
+        self.prefilling = True
+        self.current = None
+        self.visual, self.real = visual, mask2d.bool()
+        self.attention = {}
+        self.counts = []
+        self.layer_index = []
+        self.prompt_masks = [None] * self.num_layers
+        self.prompt_len = visual.shape[1]
+
+    def end_prefill(self) -> None:
+        self.prefilling = False
+        self.current = None
+
+    def begin_decode(self, mask2d: torch.Tensor | None) -> None:
+        """A later call on the cache this engine's prefill filled (only then do per-layer masks apply)."""
+        self.decode_mask2d = mask2d
+        self.decoding = True
+
+    def end_decode(self) -> None:
+        self.decoding = False
+        self.decode_mask2d = None
+
+    # --------------------------------------------------------------------------------- layer wrapper
+    def run_layer(self, layer: int, original, hidden, kwargs: dict):
+        if self.prefilling:
+            return self._prefill_layer(layer, original, hidden, kwargs)
+        if not self.decoding:
+            return original(hidden, **kwargs)
+        prompt_mask = self.prompt_masks[layer]
+        if prompt_mask is not None:
+            kwargs["attention_mask"] = self._decode_mask(layer, hidden, prompt_mask, kwargs.get("cache"))
+        return original(hidden, **kwargs)
+
+    def _prefill_layer(self, layer, original, hidden, kwargs):
+        cur = self.current
+        if cur is not None:
+            kwargs["attention_mask"] = cur.mask4d
+            if cur.position_embeddings is not None:
+                kwargs["position_embeddings"] = cur.position_embeddings
+            if "position_ids" in kwargs and kwargs["position_ids"] is not None:
+                kwargs["position_ids"] = cur.position_ids
+            self.prompt_masks[layer] = cur.mask2d
+        visual = cur.visual if cur is not None else self.visual
+        real = cur.mask2d.bool() if cur is not None else self.real
+        self.counts.append((visual & real).sum(-1))
+        self.layer_index.append(cur.index if cur is not None else None)
+        out = original(hidden, **kwargs)
+        probe = self.probes.get(layer)
+        if probe is not None and probe.records:
+            self.attention[layer] = probe.records.pop()
+            probe.clear()
+        keep = self.plan.decide(layer, out, visual, real, self.attention)
+        if keep is None or layer == self.num_layers - 1:
+            return out
+        keep = keep | ~visual  # text and padding positions are never dropped by a plan
+        if bool(keep[real].all()):
+            return out
+        return self._drop(layer, out, keep & real, kwargs)
+
+    def _drop(self, layer, out, keep, kwargs):
+        cur = self.current
+        index_in_cur = keep_mask_to_index(keep)
+        base_index = cur.index if cur is not None else None
+        base_mask = cur.mask2d if cur is not None else self.real.long()
+        base_visual = cur.visual if cur is not None else self.visual
+        pe = kwargs.get("position_embeddings")
+        hidden, _, mask2d = gather_tokens(out, index_in_cur, None, base_mask)
+        visual = _take(base_visual, index_in_cur, False)
+        index = (
+            _take(base_index, index_in_cur, -1)
+            if base_index is not None
+            else _take(
+                torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), index_in_cur, -1
+            )
+        )
+        new = _Current(index=index, mask2d=mask2d, visual=visual)
+        if pe is not None:
+            new.position_embeddings = tuple(
+                _take_rows(t.expand(out.shape[0], *t.shape[1:]), index_in_cur) for t in pe
+            )
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            new.position_ids = _take(
+                pos.expand(*pos.shape[:-2], out.shape[0], pos.shape[-1]), index_in_cur, 0
+            )
+        new.mask4d = self._mask(hidden, mask2d, kwargs.get("cache"), layer + 1)
+        self.current = new
+        return hidden
+
+    # -------------------------------------------------------------------------------------- masks
+    def _mask(self, hidden, mask2d, cache, layer_idx):
+        from transformers.masking_utils import create_causal_mask
+
+        return create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            cache=cache,
+            position_ids=None,
+            layer_idx=layer_idx if cache is not None else None,
+        )
+
+    def _decode_mask(self, layer, hidden, prompt_mask, cache):
+        batch, q = hidden.shape[:2]
+        call = self.decode_mask2d
+        past_new = (call.shape[1] - self.prompt_len - q) if call is not None else None
+        if call is None:
+            # Tokens generated since the prompt: what this layer's cache holds beyond its prompt part.
+            past_new = (
+                int(cache.layers[layer].get_seq_length()) - prompt_mask.shape[1] if cache is not None else 0
+            )
+            tail = prompt_mask.new_ones(batch, past_new + q)
+        else:
+            tail = call[:, self.prompt_len :].to(prompt_mask.dtype)
+        mask2d = torch.cat([prompt_mask, tail], dim=-1)
+        return self._mask(hidden, mask2d, cache, layer)
+
+    def visual_counts(self) -> torch.Tensor:
+        """``(batch, num_layers)`` visual tokens each layer processed in the last prefill."""
+        return torch.stack(self.counts, dim=-1) if self.counts else torch.zeros(0)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
+    """``x[..., b, index[b, j]]`` along the last dim, ``fill`` where index is -1."""
+    safe = index.clamp(min=0)
+    out = torch.gather(x, -1, safe.expand(*x.shape[:-2], *safe.shape))
+    return out.masked_fill(index < 0, fill)
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j], :]`` for ``x`` of shape ``(batch, seq, dim)``; zeros where index is -1."""
+    safe = index.clamp(min=0)
+    out = torch.gather(x, 1, safe[..., None].expand(*safe.shape, x.shape[-1]))
+    return out.masked_fill((index < 0)[..., None], 0)
