@@ -107,7 +107,7 @@ class Pruner:
 
     def _attach_layers(self) -> None:
         layers = self.integration.decoder_layers
-        plan = self.spec.make_plan(self.config, len(layers))
+        plan = self.spec.make_plan(self.config, len(layers), model=self.model)
         self.engine = LayerEngine(plan, len(layers), self.integration.language_model.config)
         for idx in plan.probe_layers:
             probe = AttentionProbe(layers[idx].self_attn, plan.probe_kind, active=False)

@@ -48,6 +48,12 @@ class SampleSelection:
     tokens_out: int
     layer_visual: list[int]
 
+    @property
+    def exit_layer(self) -> int | None:
+        """Last decoder layer that saw visual tokens, when they all left before the end (visual-token exit)."""
+        gone = [i for i, n in enumerate(self.layer_visual) if n == 0]
+        return gone[0] - 1 if gone and self.visual_in > 0 else None
+
 
 def select_visual_tokens(
     image_mask: torch.Tensor, scores: list[torch.Tensor], keep_ratio: float

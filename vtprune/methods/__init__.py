@@ -29,7 +29,7 @@ class MethodSpec:
             attention, ``None`` when the method needs no attention).
         make_scorer: pre stage: ``make_scorer(config) -> scorer``; ``scorer(probe_scores: list[Tensor(n_i,)]
             | None, sizes: list[int]) -> list[Tensor(n_i,)]`` gives one score per visual token of each image.
-        make_plan: layers stage: ``make_plan(config, model) -> LayerPlan``.
+        make_plan: layers stage: ``make_plan(config, num_layers, model=None) -> LayerPlan``.
     """
 
     config_cls: type[PruneConfig]
@@ -68,4 +68,4 @@ def get_method(config: PruneConfig) -> MethodSpec:
 
 
 def _ensure_loaded() -> None:
-    from . import fastervlm, fastv, random_prune, visual_exit  # noqa: F401  (registration side effects)
+    from . import dyvte, fastervlm, fastv, random_prune, visual_exit  # noqa: F401  (registration side effects)

@@ -64,5 +64,5 @@ class FastVPlan(LayerPlan):
 
 
 @register_method(FastVConfig, stage="layers")
-def make_plan(config: FastVConfig, num_layers: int) -> FastVPlan:
+def make_plan(config: FastVConfig, num_layers: int, model=None) -> FastVPlan:
     return FastVPlan(config, num_layers)

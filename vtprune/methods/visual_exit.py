@@ -42,5 +42,5 @@ class StaticExitPlan(LayerPlan):
 
 
 @register_method(StaticExitConfig, stage="layers")
-def make_plan(config: StaticExitConfig, num_layers: int) -> StaticExitPlan:
+def make_plan(config: StaticExitConfig, num_layers: int, model=None) -> StaticExitPlan:
     return StaticExitPlan(config, num_layers)
