@@ -10,23 +10,43 @@ left-padded as :func:`~vtprune.kernels.keep_mask_to_index` makes them). Each tim
 public API's input validation (its bounds check costs one host sync, identical for both backends).
 
 GB/s counts the bytes a gather must move: the kept rows read and written, the index read, positions and
-mask read and written. Small cases fit in L2 and are dominated by launch overhead.
+mask read and written. Two timings per case: GPU time (the call captured in a CUDA graph, replayed) and
+the eager call, where Python and launch overhead dominate small gathers. Inputs are not flushed from L2
+between runs, so the small cases partly run from cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
+if importlib.util.find_spec("vtprune") is None:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def _time_ms(fn, reps: int, warmup: int) -> float:
+
+def _time_ms(fn, reps: int, warmup: int, *, graph: bool) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events around each run).
+
+    ``graph=False`` times eager calls: Python, dispatch and launch overhead included, which dominates small
+    gathers. ``graph=True`` captures ``fn`` in a CUDA graph and times its replays: GPU time only.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -68,21 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: CUDA is required (the Triton kernels only run on a GPU); nothing to time.")
         return 0
+    from vtprune.kernels import gather_kv_torch, gather_tokens_torch
+
     try:
         from vtprune.kernels import _triton_gather as tg
     except ImportError as e:
         print(f"bench_kernels: triton is required (pip install vtprune[triton]): {e}")
         return 0
-    from vtprune.kernels import gather_kv_torch, gather_tokens_torch
 
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     itemsize = torch.empty((), dtype=dtype).element_size()
     print(f"device: {torch.cuda.get_device_name(device)}   dtype: {args.dtype}   median of {args.reps} runs")
     header = (
-        f"{'op':<8}{'B':>3}{'L':>6}{'K':>6}  {'torch ms':>9}{'triton ms':>10}{'torch/triton':>13}"
-        f"{'torch GB/s':>11}{'triton GB/s':>12}"
+        f"{'op':<8}{'B':>3}{'L':>6}{'K':>6} | {'torch ms':>9}{'triton ms':>10}{'torch/triton':>13}"
+        f"{'torch GB/s':>11}{'triton GB/s':>12} | {'torch ms':>9}{'triton ms':>10}{'torch/triton':>13}"
     )
+    print(f"{'':<23} | {'GPU time (CUDA graph replay)':^55} | {'eager call (launch overhead incl.)':^32}")
     print(header)
     print("-" * len(header))
 
@@ -112,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                         if not torch.equal(a, b):
                             print(f"MISMATCH in {op} B={batch} L={length} K={k}", file=sys.stderr)
                             return 1
-                    t_torch = _time_ms(run_torch, args.reps, args.warmup)
-                    t_triton = _time_ms(run_triton, args.reps, args.warmup)
+                    t_torch = _time_ms(run_torch, args.reps, args.warmup, graph=True)
+                    t_triton = _time_ms(run_triton, args.reps, args.warmup, graph=True)
+                    e_torch = _time_ms(run_torch, args.reps, args.warmup, graph=False)
+                    e_triton = _time_ms(run_triton, args.reps, args.warmup, graph=False)
                     print(
-                        f"{op:<8}{batch:>3}{length:>6}{k:>6}  {t_torch:>9.4f}{t_triton:>10.4f}"
+                        f"{op:<8}{batch:>3}{length:>6}{k:>6} | {t_torch:>9.4f}{t_triton:>10.4f}"
                         f"{t_torch / t_triton:>12.2f}x{moved / t_torch / 1e6:>11.0f}{moved / t_triton / 1e6:>12.0f}"
+                        f" | {e_torch:>9.4f}{e_triton:>10.4f}{e_torch / e_triton:>12.2f}x"
                     )
                 if op == "tokens":
                     del hidden, positions, mask

@@ -8,7 +8,9 @@ if not torch.cuda.is_available():  # before triton is imported anywhere; conftes
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -476,6 +478,25 @@ def test_auto_with_grad_is_differentiable(monkeypatch):
     out, _, _ = gather_tokens(hidden, torch.tensor([[-1, 4], [0, 0]], device=DEVICE))
     out.sum().backward()
     assert hidden.grad[0].sum(-1).tolist() == [0, 0, 0, 0, 3] and hidden.grad[1, 0].tolist() == [2, 2, 2]
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, vtprune.kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@needs_triton
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path without the interpreter")
+def test_triton_on_cpu_without_interpreter_says_why():
+    code = (
+        "import torch; from vtprune.kernels import gather_kv\n"
+        "kv = torch.zeros(1, 1, 3, 2)\n"
+        "try:\n    gather_kv(kv, kv, torch.tensor([[0]]), backend='triton')\n"
+        "except RuntimeError as e:\n    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+        "else:\n    raise AssertionError('no error')\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_triton_missing(monkeypatch):

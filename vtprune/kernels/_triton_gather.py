@@ -7,7 +7,8 @@ dtype, the copy is exact (NaN payloads and -0.0 survive) and the interpreter nev
 Inputs are read through their strides (nothing is made contiguous); outputs are new contiguous tensors.
 Offsets that can grow with the tensor size are computed in int64.
 
-Run on CPU with ``TRITON_INTERPRET=1`` set before triton is first imported.
+On CPU the kernels run in the Triton interpreter: set ``TRITON_INTERPRET=1`` before this module is first
+imported (``@triton.jit`` reads it when the kernels are decorated).
 """
 
 from __future__ import annotations
@@ -162,20 +163,43 @@ _INTERPRETED = type(_gather_tokens_kernel).__name__ == "InterpretedFunction"
 # Python, so there it pays to have few, large tiles.
 _ROW_BYTES = 1 << 16 if _INTERPRETED else 1 << 12
 _TILE_BYTES = 1 << 20 if _INTERPRETED else 1 << 14
+_MIN_PROGRAMS = 512  # a few waves of CTAs on a 132-SM H100
+
+
+# Host-side helpers in plain Python: triton.cdiv / triton.next_power_of_2 are JIT functions whose host call
+# costs microseconds each, and the launcher is on the prefill critical path.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """``t`` reinterpreted as the signed integer type of its element size (same storage, same strides)."""
     try:
-        return t.detach().view(_BITS[t.element_size()])
+        return (t.detach() if t.requires_grad else t).view(_BITS[t.element_size()])
     except KeyError:
         raise TypeError(f"the triton gather does not support {t.dtype}; use backend='torch'") from None
 
 
-def _tile(rows: int, row_len: int, itemsize: int) -> tuple[int, int, int]:
-    """(BLOCK_K, BLOCK_D, num_warps) for gathering ``rows`` rows of ``row_len`` elements."""
-    block_d = min(triton.next_power_of_2(max(row_len, 1)), max(16, _ROW_BYTES // itemsize))
-    block_k = min(triton.next_power_of_2(max(rows, 1)), max(1, _TILE_BYTES // (block_d * itemsize)))
+def _tile(groups: int, rows: int, row_len: int, itemsize: int) -> tuple[int, int, int]:
+    """(BLOCK_K, BLOCK_D, num_warps) for gathering ``rows`` rows of ``row_len`` elements in each of ``groups``.
+
+    Tiles start as large as the budget allows and are halved (rows first, down to 1 KiB) while the grid
+    has too few programs to keep every SM busy, as when one sample keeps few tokens.
+    """
+    block_d = min(_next_pow2(max(row_len, 1)), max(16, _ROW_BYTES // itemsize))
+    block_k = min(_next_pow2(max(rows, 1)), max(1, _TILE_BYTES // (block_d * itemsize)))
+    if not _INTERPRETED:
+        while block_k * block_d * itemsize > 1 << 10 and (
+            groups * _cdiv(rows, block_k) * _cdiv(row_len, block_d) < _MIN_PROGRAMS
+        ):
+            if block_k > 1:
+                block_k //= 2
+            else:
+                block_d //= 2
     num_warps = 8 if block_k * block_d * itemsize >= 1 << 14 else 4
     return block_k, block_d, num_warps
 
@@ -185,8 +209,8 @@ def _launch_context(t: torch.Tensor):
         return torch.cuda.device(t.device)  # launch on the tensors' GPU, not the current one
     if not _INTERPRETED:
         raise RuntimeError(
-            f"backend='triton' needs CUDA tensors, got {t.device}; on CPU set TRITON_INTERPRET=1 before "
-            "triton is first imported (tests do), or use backend='torch'"
+            f"backend='triton' needs CUDA tensors, got {t.device}; on CPU set TRITON_INTERPRET=1 before the "
+            "first triton gather (tests do), or use backend='torch'"
         )
     return contextlib.nullcontext()
 
@@ -208,9 +232,9 @@ def gather_tokens_triton(
 
     pos3 = None if positions is None else (positions if positions.dim() == 3 else positions.unsqueeze(0))
     n_pos = 0 if pos3 is None else pos3.shape[0]
-    block_k, block_d, num_warps = _tile(k, dim, hidden.element_size())
-    num_k_blocks = triton.cdiv(k, block_k)
-    grid = (batch * num_k_blocks, max(1, triton.cdiv(dim, block_d)))
+    block_k, block_d, num_warps = _tile(batch, k, dim, hidden.element_size())
+    num_k_blocks = _cdiv(k, block_k)
+    grid = (batch * num_k_blocks, max(1, _cdiv(dim, block_d)))
     dummy = index  # stands in for the absent positions / mask (never dereferenced)
     with _launch_context(hidden):
         _gather_tokens_kernel[grid](
@@ -235,7 +259,7 @@ def gather_tokens_triton(
             HAS_MASK=mask is not None,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
-            BLOCK_P=triton.next_power_of_2(max(n_pos, 1)),
+            BLOCK_P=_next_pow2(max(n_pos, 1)),
             num_warps=num_warps,
         )
     return out_hidden, out_pos, out_mask
@@ -253,9 +277,9 @@ def gather_kv_triton(
         return out_key, out_value
 
     itemsize = max(key.element_size(), value.element_size())
-    block_k, block_d, num_warps = _tile(k, head_dim, itemsize)
-    num_k_blocks = triton.cdiv(k, block_k)
-    grid = (batch * heads * num_k_blocks, max(1, triton.cdiv(head_dim, block_d)))
+    block_k, block_d, num_warps = _tile(batch * heads, k, head_dim, itemsize)
+    num_k_blocks = _cdiv(k, block_k)
+    grid = (batch * heads * num_k_blocks, max(1, _cdiv(head_dim, block_d)))
     with _launch_context(key):
         _gather_kv_kernel[grid](
             _bits(key),
