@@ -41,27 +41,38 @@ def time_prefill(model, inputs: dict, repeats: int = 5, warmup: int = 1) -> floa
     return statistics.median(times)
 
 
-def prefill_speedups(model, inputs: dict, method: str, ratios, repeats: int = 5) -> list[PrefillResult]:
-    """Time the unpruned model, then ``method`` at each keep ratio, interleaved in one run."""
+def prefill_speedups(model, inputs: dict, settings, repeats: int = 5) -> list[PrefillResult]:
+    """Time the unpruned model, then each setting (a config dict such as ``{"method": "fastervlm",
+    "keep_ratio": 0.25}``), in one run. ``visual_tokens`` is the mean over decoder layers of the visual
+    tokens a layer processes (equal to the kept count for methods that prune before the LLM)."""
     n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
     n_prompt = (
         int(inputs["attention_mask"][0].sum()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
     )
     base = time_prefill(model, inputs, repeats)
     results = [PrefillResult("unpruned", n_visual, n_prompt, base, 1.0)]
-    for ratio in ratios:
-        wrap(model, method, keep_ratio=ratio)
+    for setting in settings:
+        wrap(model, dict(setting))
         try:
             t = time_prefill(model, inputs, repeats)
             sel = get_pruner(model).last[0]
         finally:
             unwrap(model)
-        results.append(PrefillResult(f"{method} keep={ratio:g}", sel.visual_out, sel.tokens_out, t, base / t))
+        label = " ".join(
+            [setting["method"]]
+            + [
+                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in setting.items()
+                if k != "method"
+            ]
+        )
+        mean_visual = sum(sel.layer_visual) / len(sel.layer_visual)
+        results.append(PrefillResult(label, round(mean_visual, 1), sel.tokens_out, t, base / t))
     return results
 
 
 def mid_llava(device="cpu", dtype=torch.float32):
-    """A mid-size random LLaVA-1.5-shaped model: 336px CLIP/14 (576 visual tokens), 8-layer 1024-d Llama."""
+    """A mid-size random LLaVA-1.5-shaped model: 336px CLIP/14 (576 visual tokens), 16-layer 768-d Llama."""
     from .testing import tiny_llava
 
     model = tiny_llava(
@@ -69,18 +80,18 @@ def mid_llava(device="cpu", dtype=torch.float32):
         patch_size=14,
         vision_hidden=256,
         vision_layers=6,
-        text_hidden=1024,
-        text_layers=8,
+        text_hidden=768,
+        text_layers=16,
         heads=8,
         vocab_size=4096,
-        intermediate=2816,
+        intermediate=2048,
     )
     return model.to(device=device, dtype=dtype)
 
 
 def format_table(results: list[PrefillResult]) -> str:
     lines = [
-        "| setting | visual tokens | prompt tokens | prefill median (ms) | speed-up |",
+        "| setting | visual tokens / layer | LLM input tokens | prefill median (ms) | speed-up |",
         "|---|---|---|---|---|",
     ]
     for r in results:

@@ -44,7 +44,8 @@ def _demo(args) -> int:
         from .testing import llava_inputs
 
         inputs = llava_inputs(model, text_lengths=(40,))
-    results = benchmark.prefill_speedups(model, inputs, "fastervlm", args.ratios, repeats=args.repeats)
+    settings = [{"method": "fastervlm", "keep_ratio": r} for r in args.ratios]
+    results = benchmark.prefill_speedups(model, inputs, settings, repeats=args.repeats)
     print("\nprefill (vision encoder + LLM, batch 1), FasterVLM vs unpruned, one run:")
     print(benchmark.format_table(results))
     return 0
@@ -66,7 +67,13 @@ def _bench_prefill(args) -> int:
         f"mid-size random LLaVA: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
         f"device={args.device}, dtype={args.dtype}, threads={torch.get_num_threads()}"
     )
-    results = benchmark.prefill_speedups(model, inputs, args.method, args.ratios, repeats=args.repeats)
+    if args.method in ("static_exit", "fastv") and args.layers:
+        settings = [{"method": args.method, "layer": layer} for layer in args.layers]
+        if args.method == "fastv":
+            settings = [s | {"keep_ratio": r} for s in settings for r in args.ratios]
+    else:
+        settings = [{"method": args.method, "keep_ratio": r} for r in args.ratios]
+    results = benchmark.prefill_speedups(model, inputs, settings, repeats=args.repeats)
     print(benchmark.format_table(results))
     return 0
 
@@ -85,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser("bench-prefill", help="prefill speed-up on a mid-size random LLaVA (576 tokens)")
-    bench.add_argument("--method", default="fastervlm")
+    bench.add_argument("--method", default="fastervlm", help="fastervlm | random | fastv | static_exit")
+    bench.add_argument("--layers", type=int, nargs="*", default=[], help="exit/FastV layers, e.g. 2 4 8")
     bench.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--text-tokens", type=int, default=40)
