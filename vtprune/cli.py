@@ -78,6 +78,38 @@ def _bench_prefill(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from .eval.benchmarks import get_benchmark
+    from .eval.harness import EvalRun, parse_settings, run_eval
+    from .eval.models import Answerer, load_model
+
+    settings = parse_settings(args.methods)
+    benchmarks = {}
+    for spec in args.benchmarks:
+        name, _, source = spec.partition("=")
+        bench = get_benchmark(name)
+        samples = bench.load(source=source or None, limit=args.limit)
+        benchmarks[name] = (bench, samples)
+    model, processor, prompt_fn = load_model(args.model, device=args.device, dtype=args.dtype)
+    run = EvalRun(
+        model=model,
+        answer=Answerer(processor, prompt_fn, device=args.device),
+        benchmarks=benchmarks,
+        settings=settings,
+        out=Path(args.out),
+        batch_size=args.batch_size,
+        warmup=args.warmup,
+        meta={"model": args.model, "device": args.device, "dtype": args.dtype, "limit": args.limit},
+    )
+    rows = run_eval(run)
+    if rows:
+        print((Path(args.out) / "summary.md").read_text())
+        print(f"wrote {args.out}/summary.md, summary.csv, pareto.png and per-sample JSONL")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--threads", type=int, default=0)
     bench.set_defaults(func=_bench_prefill)
+
+    ev = sub.add_parser("eval", help="accuracy vs realised speed-up over benchmarks x pruning settings")
+    ev.add_argument("--model", default="toy", help="'toy' (shipped), a local folder or a hub id")
+    ev.add_argument(
+        "--benchmarks",
+        nargs="+",
+        default=["synthetic"],
+        help="names, optionally NAME=local-folder mirroring the hub repo (offline)",
+    )
+    ev.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "fastervlm:keep_ratio=0.5,0.25,0.1", "random:keep_ratio=0.25"],
+        help="settings: none | METHOD[:key=v1,v2[:key=...]] | JSON object | config.json",
+    )
+    ev.add_argument("--limit", type=int, default=None, help="first N samples of each benchmark")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per setting")
+    ev.add_argument("--out", default="runs/eval")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="auto")
+    ev.set_defaults(func=_eval)
 
     args = parser.parse_args(argv)
     return args.func(args)

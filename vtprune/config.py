@@ -31,11 +31,19 @@ def register_config(name: str):
     return deco
 
 
+def _load_methods() -> None:
+    from .methods import _ensure_loaded  # methods import this module: load them lazily
+
+    _ensure_loaded()
+
+
 def available_methods() -> list[str]:
+    _load_methods()
     return sorted(_CONFIGS)
 
 
 def config_class(method: str) -> type[PruneConfig]:
+    _load_methods()
     try:
         return _CONFIGS[method]
     except KeyError:
