@@ -10,7 +10,14 @@ import torch
 
 from .api import get_pruner, unwrap, wrap
 
-__all__ = ["PrefillResult", "time_prefill", "prefill_speedups", "mid_llava"]
+__all__ = [
+    "PrefillResult",
+    "time_prefill",
+    "time_generate",
+    "prefill_speedups",
+    "mid_llava",
+    "llava_7b_shaped",
+]
 
 
 @dataclass
@@ -87,6 +94,67 @@ def mid_llava(device="cpu", dtype=torch.float32):
         intermediate=2048,
     )
     return model.to(device=device, dtype=dtype)
+
+
+def llava_7b_shaped(device="cuda", dtype=torch.bfloat16):
+    """Random weights in LLaVA-1.5-7B's shapes: CLIP ViT-L/14 at 336px (576 visual tokens, 24 layers) and a
+    32-layer 4096-d Llama. Built directly on ``device`` in ``dtype`` (no CPU copy of 7B parameters)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from .testing import BOS, IMAGE_TOKEN, PAD
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            vocab_size=32064,
+            max_position_embeddings=4096,
+            pad_token_id=PAD,
+            bos_token_id=BOS,
+            eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=PAD,
+    )
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def time_generate(model, inputs: dict, new_tokens: int, repeats: int = 3) -> float:
+    """Median seconds of a greedy ``generate`` of exactly ``new_tokens`` tokens."""
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            _sync(model.device)
+            start = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            _sync(model.device)
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def format_table(results: list[PrefillResult]) -> str:

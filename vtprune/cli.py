@@ -60,9 +60,14 @@ def _bench_prefill(args) -> int:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = benchmark.mid_llava(device=args.device, dtype=getattr(torch, args.dtype))
-    inputs = {k: v.to(args.device) for k, v in llava_inputs(model, text_lengths=(args.text_tokens,)).items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if args.size == "7b":
+        model = benchmark.llava_7b_shaped(device=args.device, dtype=dtype)
+    else:
+        model = benchmark.mid_llava(device=args.device, dtype=dtype)
+    inputs = llava_inputs(model, text_lengths=(args.text_tokens,) * args.batch)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     print(
         f"mid-size random LLaVA: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
         f"device={args.device}, dtype={args.dtype}, threads={torch.get_num_threads()}"
@@ -75,6 +80,20 @@ def _bench_prefill(args) -> int:
         settings = [{"method": args.method, "keep_ratio": r} for r in args.ratios]
     results = benchmark.prefill_speedups(model, inputs, settings, repeats=args.repeats)
     print(benchmark.format_table(results))
+    if args.decode_tokens:
+        from . import unwrap, wrap
+
+        base = benchmark.time_generate(model, inputs, args.decode_tokens)
+        print(
+            f"\ngenerate {args.decode_tokens} tokens (prefill + decode), median of 3: unpruned {base * 1e3:.1f} ms"
+        )
+        for setting in settings:
+            wrap(model, dict(setting))
+            try:
+                t = benchmark.time_generate(model, inputs, args.decode_tokens)
+            finally:
+                unwrap(model)
+            print(f"  {setting}: {t * 1e3:.1f} ms, speed-up {base / t:.2f}x")
     return 0
 
 
@@ -132,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--threads", type=int, default=0)
+    bench.add_argument("--size", choices=["mid", "7b"], default="mid", help="7b: LLaVA-1.5-7B shapes (GPU)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--decode-tokens", type=int, default=0, help="also time generate() of N tokens")
     bench.set_defaults(func=_bench_prefill)
 
     ev = sub.add_parser("eval", help="accuracy vs realised speed-up over benchmarks x pruning settings")
