@@ -41,8 +41,14 @@ class LayerPlan:
         """Called at the start of every prefill."""
 
     def decide(
-        self, layer: int, hidden: torch.Tensor, visual: torch.Tensor, real: torch.Tensor, attention: dict
-    ) -> torch.Tensor | None:
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        visual: torch.Tensor,
+        real: torch.Tensor,
+        attention: dict,
+        counts: list[int],
+    ) -> tuple[torch.Tensor, list[int]] | None:
         """Tokens kept by the layers after ``layer``.
 
         Args:
@@ -51,9 +57,12 @@ class LayerPlan:
             visual: ``(batch, seq)`` bool, True at (still present) visual tokens.
             real: ``(batch, seq)`` bool, False at padding.
             attention: ``{layer: (batch, seq) tensor}`` probe records of this prefill so far.
+            counts: visual tokens still present per sample (host ints).
 
         Returns:
-            ``(batch, seq)`` bool keep mask (text tokens must stay), or None to keep everything.
+            None to keep everything, or ``(keep, kept)``: a ``(batch, seq)`` bool keep mask (text and
+            padding positions are kept whatever it says) and the visual tokens kept per sample (host ints,
+            so that the engine learns the new length without waiting for the GPU).
         """
         return None
 
@@ -87,14 +96,21 @@ class LayerEngine:
     # decode state: per layer, the 2-D padding mask of the prompt part its cache holds (None = as layer 0)
     prompt_masks: list = field(default_factory=list)
     prompt_len: int = 0
+    host_real: list = field(default_factory=list)  # per sample, tokens (padding excluded) now present
+    host_visual: list = field(default_factory=list)  # per sample, visual tokens now present
+    decode_masks: dict = field(default_factory=dict)  # per decode call: prompt mask id -> 4-D mask
     decode_mask2d: torch.Tensor | None = None
     prefilling: bool = False
     decoding: bool = False
     probes: dict = field(default_factory=dict)  # layer -> AttentionProbe armed on its self-attention
 
     # ------------------------------------------------------------------------------------------ phases
-    def begin_prefill(self, visual: torch.Tensor, mask2d: torch.Tensor) -> None:
+    def begin_prefill(
+        self, visual: torch.Tensor, mask2d: torch.Tensor, host_real: list[int], host_visual: list[int]
+    ) -> None:
+        """visual, mask2d: ``(batch, seq)`` of the LLM input; host_real / host_visual: per-sample counts."""
         self.plan.reset()
+        self.host_real, self.host_visual = list(host_real), list(host_visual)
         self.prefilling = True
         self.current = None
         self.visual, self.real = visual, mask2d.bool()
@@ -111,11 +127,13 @@ class LayerEngine:
     def begin_decode(self, mask2d: torch.Tensor | None) -> None:
         """A later call on the cache this engine's prefill filled (only then do per-layer masks apply)."""
         self.decode_mask2d = mask2d
+        self.decode_masks = {}
         self.decoding = True
 
     def end_decode(self) -> None:
         self.decoding = False
         self.decode_mask2d = None
+        self.decode_masks = {}
 
     # --------------------------------------------------------------------------------- layer wrapper
     def run_layer(self, layer: int, original, hidden, kwargs: dict):
@@ -144,24 +162,28 @@ class LayerEngine:
         out = original(hidden, **kwargs)
         probe = self.probes.get(layer)
         if probe is not None and probe.records:
-            self.attention[layer] = probe.records.pop()
+            # Static caches hand attention the whole buffer: the prefill's keys are its first columns.
+            self.attention[layer] = probe.records.pop()[:, : out.shape[1]]
             probe.clear()
-        keep = self.plan.decide(layer, out, visual, real, self.attention)
-        if keep is None or layer == self.num_layers - 1:
+        if layer == self.num_layers - 1:
             return out
-        keep = keep | ~visual  # text and padding positions are never dropped by a plan
-        if bool(keep[real].all()):
+        decision = self.plan.decide(layer, out, visual, real, self.attention, list(self.host_visual))
+        if decision is None:
             return out
-        return self._drop(layer, out, keep & real, kwargs)
+        keep, kept = decision
+        keep = (keep | ~visual) & real  # text is never dropped by a plan; padding leaves now
+        self.host_real = [r - v + k for r, v, k in zip(self.host_real, self.host_visual, kept)]
+        self.host_visual = list(kept)
+        return self._drop(layer, out, keep, kwargs)
 
     def _drop(self, layer, out, keep, kwargs):
         cur = self.current
-        index_in_cur = keep_mask_to_index(keep)
+        index_in_cur = keep_mask_to_index(keep, max(self.host_real))
         base_index = cur.index if cur is not None else None
         base_mask = cur.mask2d if cur is not None else self.real.long()
         base_visual = cur.visual if cur is not None else self.visual
         pe = kwargs.get("position_embeddings")
-        hidden, _, mask2d = gather_tokens(out, index_in_cur, None, base_mask)
+        hidden, _, mask2d = gather_tokens(out, index_in_cur, None, base_mask, check=False)
         visual = _take(base_visual, index_in_cur, False)
         index = (
             _take(base_index, index_in_cur, -1)
@@ -198,6 +220,13 @@ class LayerEngine:
         )
 
     def _decode_mask(self, layer, hidden, prompt_mask, cache):
+        # Layers holding the same prompt subset share one mask per call (e.g. every layer after an exit).
+        key = id(prompt_mask)
+        if key not in self.decode_masks:
+            self.decode_masks[key] = self._build_decode_mask(layer, hidden, prompt_mask, cache)
+        return self.decode_masks[key]
+
+    def _build_decode_mask(self, layer, hidden, prompt_mask, cache):
         batch, q = hidden.shape[:2]
         call = self.decode_mask2d
         past_new = (call.shape[1] - self.prompt_len - q) if call is not None else None

@@ -30,7 +30,7 @@ from .layers import LayerEngine
 from .methods import get_method
 from .patching import Patcher
 from .probe import AttentionProbe
-from .selection import SampleSelection, select_visual_tokens
+from .selection import SampleSelection, kept_visual_indices, select_visual_tokens
 from .sequence import Prefix, cache_length, compact
 
 __all__ = ["Pruner"]
@@ -38,12 +38,17 @@ __all__ = ["Pruner"]
 
 @dataclass
 class _Pending:
-    """Selection made by the multimodal forward, consumed by the language model's forward."""
+    """Selection made by the multimodal forward, consumed by the language model's forward.
+
+    Host-side counts are read once, before the vision encoder is queued, so that nothing later in the
+    prefill has to wait for the GPU to learn a shape.
+    """
 
     keep: torch.Tensor  # (batch, seq) bool
     image_mask: torch.Tensor  # (batch, seq) bool
-    kept_visual: list[torch.Tensor]
-    visual_in: list[int]
+    visual_in: list[int]  # per sample
+    real_in: list[int]  # per sample, padding excluded
+    visual_kept: list[int]  # per sample
 
 
 def _bind(fn, args, kwargs) -> dict:
@@ -65,6 +70,7 @@ class Pruner:
     Attributes:
         config: the validated method config.
         last: per-sample :class:`~vtprune.selection.SampleSelection` of the latest pruned prefill.
+        engine: the :class:`~vtprune.layers.LayerEngine` of in-LLM methods (None otherwise).
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig):
@@ -81,7 +87,8 @@ class Pruner:
         self.contiguous = positions == "contiguous"
         self.probe: AttentionProbe | None = None
         self.patcher = Patcher()
-        self.last: list[SampleSelection] | None = None
+        self._last: list[SampleSelection] | None = None
+        self._last_raw = None
         self._pending: _Pending | None = None
         self._prefix: Prefix | None = None
 
@@ -171,6 +178,22 @@ class Pruner:
             raise ValueError(
                 "vtprune needs input_ids (with image placeholder tokens) to locate visual tokens"
             )
+        image_mask = input_ids == self.integration.image_token_id
+        attention_mask = kwargs.get("attention_mask")
+        real = (
+            attention_mask.bool()
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2
+            else None
+        )
+        counts = torch.stack(
+            [
+                image_mask.sum(-1),
+                real.sum(-1)
+                if real is not None
+                else image_mask.new_full(image_mask.shape[:1], image_mask.shape[1], dtype=torch.long),
+            ]
+        )
+        visual_in, real_in = counts.tolist()  # the one host sync, before the encoder is queued
 
         if mm.get("image") is None:
             # Encode here, as generate() does, so that both paths read scores from the features.
@@ -185,22 +208,28 @@ class Pruner:
         if features and features[0].ndim == 3:  # a (num_images, tokens, dim) tensor
             features = [f for batch in features for f in batch]
         sizes = [f.shape[0] for f in features]
-        probe_scores = None
-        if self.spec.probe is not None:
-            probe_scores = [getattr(f, "_vtprune_score", None) for f in features]
-            if any(s is None for s in probe_scores):
-                raise ValueError(
-                    "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
-                    "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
-                )
-        image_mask = input_ids == self.integration.image_token_id
         if self.scorer is not None:
+            probe_scores = None
+            if self.spec.probe is not None:
+                probe_scores = [getattr(f, "_vtprune_score", None) for f in features]
+                if any(s is None for s in probe_scores):
+                    raise ValueError(
+                        "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
+                        "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
+                    )
             scores = self.scorer(probe_scores, sizes)
-            keep, kept_visual = select_visual_tokens(image_mask, scores, self.config.keep_ratio)
+            keep, kept_per_image = select_visual_tokens(
+                image_mask, scores, self.config.keep_ratio, sum(visual_in)
+            )
+            visual_kept = _per_sample(kept_per_image, sizes, visual_in)
         else:  # in-LLM methods: the LLM input keeps every visual token
+            if sum(sizes) != sum(visual_in):
+                raise ValueError(
+                    f"the prompt has {sum(visual_in)} image tokens but the image features have {sum(sizes)}"
+                )
             keep = torch.ones_like(image_mask)
-            kept_visual = [torch.arange(int(n)) for n in image_mask.sum(-1).tolist()]
-        self._pending = _Pending(keep, image_mask, kept_visual, image_mask.sum(-1).tolist())
+            visual_kept = list(visual_in)
+        self._pending = _Pending(keep, image_mask, visual_in, real_in, visual_kept)
         try:
             return original(**kwargs)
         finally:
@@ -238,18 +267,25 @@ class Pruner:
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
             raise ValueError("vtprune needs the 2-D padding mask at prefill (got a prepared 4-D/dict mask)")
-        packed = compact(embeds, attention_mask, kwargs.get("position_ids"), pending.keep, self.contiguous)
+        real_out = [r - v + k for r, v, k in zip(pending.real_in, pending.visual_in, pending.visual_kept)]
+        packed = compact(
+            embeds,
+            attention_mask,
+            kwargs.get("position_ids"),
+            pending.keep,
+            self.contiguous,
+            size=max(real_out),
+        )
         kwargs.update(
             inputs_embeds=packed.inputs_embeds,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
         )
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(pending.keep)
         engine = self.engine
+        layer_counts = None
         if engine is not None:
-            image_mask = pending.image_mask
-            visual = torch.gather(image_mask, 1, packed.index.clamp(min=0)) & (packed.index >= 0)
-            engine.begin_prefill(visual, packed.attention_mask)
+            visual = torch.gather(pending.image_mask, 1, packed.index.clamp(min=0)) & (packed.index >= 0)
+            engine.begin_prefill(visual, packed.attention_mask, real_out, pending.visual_kept)
             for probe in self.text_probes.values():
                 probe.active = True
             try:
@@ -259,25 +295,11 @@ class Pruner:
                 for probe in self.text_probes.values():
                     probe.active = False
                     probe.clear()
-            layer_visual = engine.visual_counts().tolist()
+            layer_counts = engine.visual_counts()
         else:
-            out = None
-            n_layers = len(self.integration.decoder_layers)
-            layer_visual = [[len(v)] * n_layers for v in pending.kept_visual]
-        self.last = [
-            SampleSelection(
-                kept_visual=pending.kept_visual[b],
-                kept_columns=packed.index[b][packed.index[b] >= 0].cpu(),
-                visual_in=pending.visual_in[b],
-                visual_out=int(pending.kept_visual[b].numel()),
-                tokens_in=int(real[b].sum()),
-                tokens_out=int(packed.attention_mask[b].sum()),
-                layer_visual=layer_visual[b],
-            )
-            for b in range(pending.keep.shape[0])
-        ]
-        if out is None:
             out = original(**kwargs)
+        self._last_raw = (pending, packed.index, real_out, layer_counts)
+        self._last = None
         cache = getattr(out, "cache", None)
         self._prefix = None
         if cache is not None:
@@ -289,6 +311,48 @@ class Pruner:
                 shift=packed.shift,
             )
         return out
+
+    @property
+    def last(self) -> list[SampleSelection] | None:
+        """Per-sample :class:`~vtprune.selection.SampleSelection` of the latest pruned prefill (built on first
+        access, so that the forward pass itself never waits for the GPU)."""
+        if self._last is None and self._last_raw is not None:
+            pending, index, real_out, layer_counts = self._last_raw
+            kept_visual = kept_visual_indices(pending.keep, pending.image_mask)
+            n_layers = len(self.integration.decoder_layers)
+            per_layer = layer_counts.tolist() if layer_counts is not None else None
+            self._last = [
+                SampleSelection(
+                    kept_visual=kept_visual[b],
+                    kept_columns=index[b][index[b] >= 0].cpu(),
+                    visual_in=pending.visual_in[b],
+                    visual_out=pending.visual_kept[b],
+                    tokens_in=pending.real_in[b],
+                    tokens_out=real_out[b],
+                    layer_visual=per_layer[b]
+                    if per_layer is not None
+                    else [pending.visual_kept[b]] * n_layers,
+                )
+                for b in range(len(real_out))
+            ]
+        return self._last
+
+
+def _per_sample(per_image: list[int], sizes: list[int], visual_in: list[int]) -> list[int]:
+    """Sum per-image counts into per-sample counts (images fill samples in placeholder order)."""
+    out, image = [], 0
+    for n in visual_in:
+        total, covered = 0, 0
+        while covered < n:
+            covered += sizes[image]
+            total += per_image[image]
+            image += 1
+        if covered != n:
+            raise ValueError(
+                "an image's visual tokens are split across samples; check the placeholder tokens"
+            )
+        out.append(total)
+    return out
 
 
 def _passthrough_mask(*, attention_mask=None, **_):

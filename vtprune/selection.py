@@ -56,41 +56,56 @@ class SampleSelection:
 
 
 def select_visual_tokens(
-    image_mask: torch.Tensor, scores: list[torch.Tensor], keep_ratio: float
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Keep the top ``keep_count(n_i)`` tokens of each image.
+    image_mask: torch.Tensor,
+    scores: list[torch.Tensor],
+    keep_ratio: float,
+    num_image_tokens: int | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Keep the top ``keep_count(n_i)`` tokens of each image, without a host sync.
 
     Args:
         image_mask: ``(batch, seq)`` bool, True at image placeholder tokens. Images are laid out in
             placeholder order over the flattened ``(batch, seq)``, as ``masked_scatter`` fills them.
         scores: one ``(n_i,)`` tensor per image, in that order.
         keep_ratio: fraction kept per image.
+        num_image_tokens: the number of placeholder tokens, when the caller knows it on the host; it is
+            checked against the scores (otherwise read from the device, one sync).
 
     Returns:
         keep: ``(batch, seq)`` bool, False only at pruned image tokens.
-        kept_visual: per sample, ascending indices into its visual tokens of those kept.
+        kept: tokens kept per image (host ints).
     """
     sizes = [int(s.numel()) for s in scores]
-    flat_positions = image_mask.reshape(-1).nonzero().squeeze(-1)
-    if flat_positions.numel() != sum(sizes):
+    if num_image_tokens is None:
+        num_image_tokens = int(image_mask.sum())
+    if num_image_tokens != sum(sizes):
         raise ValueError(
-            f"the prompt has {flat_positions.numel()} image tokens but the image features have {sum(sizes)}; "
+            f"the prompt has {num_image_tokens} image tokens but the image features have {sum(sizes)}; "
             "the processor and the model disagree on the number of visual tokens per image"
         )
-    keep = torch.ones(image_mask.numel(), dtype=torch.bool, device=image_mask.device)
-    kept_flat = []
-    for positions, score in zip(flat_positions.split(sizes), scores):
-        keep[positions] = False
-        chosen = positions[top_k_indices(score, keep_count(score.numel(), keep_ratio)).to(positions.device)]
-        keep[chosen] = True
-        kept_flat.append(chosen)
-    keep = keep.view_as(image_mask)
+    kept = [keep_count(n, keep_ratio) for n in sizes]
+    if not sizes:
+        return torch.ones_like(image_mask), kept
+    device = image_mask.device
+    if len(set(sizes)) == 1:  # one batched sort for equally sized images (LLaVA: always)
+        stacked = torch.stack([s.to(device) for s in scores]).float()
+        order = torch.sort(stacked, dim=-1, descending=True, stable=True).indices[:, : kept[0]]
+        keep_img = torch.zeros_like(stacked, dtype=torch.bool).scatter_(1, order, True).reshape(-1)
+    else:
+        keep_img = torch.cat(
+            [
+                torch.zeros(n, dtype=torch.bool, device=device).scatter_(
+                    0, top_k_indices(s.to(device), k), True
+                )
+                for s, n, k in zip(scores, sizes, kept)
+            ]
+        )
+    keep = image_mask.logical_not().masked_scatter(image_mask, keep_img)
+    return keep, kept
 
-    seq = image_mask.shape[1]
-    kept_all = torch.cat(kept_flat) if kept_flat else flat_positions.new_zeros(0)
-    rank_in_sample = (image_mask.long().cumsum(-1) - 1).reshape(-1)  # index among the sample's visual tokens
-    sample_of = kept_all // seq
-    kept_visual = [
-        torch.sort(rank_in_sample[kept_all[sample_of == b]]).values.cpu() for b in range(image_mask.shape[0])
-    ]
-    return keep, kept_visual
+
+def kept_visual_indices(keep: torch.Tensor, image_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per sample, ascending indices into its visual tokens of those ``keep`` kept."""
+    rank = image_mask.long().cumsum(-1) - 1
+    chosen = keep & image_mask
+    return [rank[b][chosen[b]].cpu() for b in range(keep.shape[0])]

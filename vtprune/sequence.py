@@ -49,6 +49,7 @@ def compact(
     position_ids: torch.Tensor | None,
     keep: torch.Tensor,
     contiguous: bool,
+    size: int | None = None,
 ) -> Compacted:
     """Gather the kept, non-padding tokens of each sample.
 
@@ -59,6 +60,7 @@ def compact(
         keep: ``(batch, seq)`` bool, False at pruned tokens.
         contiguous: renumber positions so that each kept token moves down by the number of pruned tokens
             before it, as if the prompt had held only the kept tokens.
+        size: the compact length (largest kept count) when known on the host: avoids a device sync.
     """
     batch, seq = keep.shape
     if attention_mask is not None and attention_mask.ndim != 2:
@@ -77,8 +79,8 @@ def compact(
         shift = dropped.sum(-1)
     else:
         shift = torch.zeros(batch, dtype=torch.long, device=keep.device)
-    index = keep_mask_to_index(keep & real)
-    embeds, positions, mask = gather_tokens(inputs_embeds, index, position_ids, real.long())
+    index = keep_mask_to_index(keep & real, size)
+    embeds, positions, mask = gather_tokens(inputs_embeds, index, position_ids, real.long(), check=False)
     return Compacted(embeds, mask, positions, index, shift)
 
 

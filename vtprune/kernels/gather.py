@@ -44,15 +44,17 @@ _FORCE_TRITON_ENV = "VTPRUNE_FORCE_TRITON"
 # --------------------------------------------------------------------------------------------------------
 
 
-def keep_mask_to_index(keep: torch.Tensor) -> torch.Tensor:
+def keep_mask_to_index(keep: torch.Tensor, size: int | None = None) -> torch.Tensor:
     """Turn a keep mask into a left-padded gather index.
 
     Args:
         keep: ``(B, L)`` bool, True at the tokens kept.
+        size: ``K`` when the caller already knows it (at least the largest kept count). Passing it avoids
+            the host sync that reading ``K`` off the device costs (which stalls the GPU pipeline).
 
     Returns:
-        ``(B, K)`` long with ``K = max_b keep[b].sum()``: row ``b`` holds the kept positions of sample ``b``
-        in ascending order, preceded by ``K - keep[b].sum()`` entries of ``-1``.
+        ``(B, K)`` long with ``K = max_b keep[b].sum()`` (or ``size``): row ``b`` holds the kept positions of
+        sample ``b`` in ascending order, preceded by ``K - keep[b].sum()`` entries of ``-1``.
 
     Example: ``[[1, 0, 1, 1], [0, 1, 0, 0]] -> [[0, 2, 3], [-1, -1, 1]]``.
     """
@@ -63,7 +65,7 @@ def keep_mask_to_index(keep: torch.Tensor) -> torch.Tensor:
     batch, length = keep.shape
     if keep.numel() == 0:
         return torch.full((batch, 0), -1, dtype=torch.long, device=keep.device)
-    k = int(keep.sum(1).max())  # the one host sync: K decides the output shape
+    k = int(keep.sum(1).max()) if size is None else min(int(size), length)  # K decides the output shape
     # A stable ascending sort of the 0/1 mask puts the dropped positions first and the kept ones last, each
     # group in ascending position order: the last K columns are the left-padded index.
     flags, order = torch.sort(keep.to(torch.uint8), dim=1, stable=True)
@@ -86,7 +88,9 @@ def _check_tensor(name: str, t: torch.Tensor, dims: tuple[int, ...], device: tor
         raise ValueError(f"{name} is on {t.device} but the gathered tensors are on {device}")
 
 
-def _check_index(index: torch.Tensor, batch: int, length: int, device: torch.device) -> None:
+def _check_index(
+    index: torch.Tensor, batch: int, length: int, device: torch.device, check_range: bool = True
+) -> None:
     """``index`` must be long ``(batch, K)`` on ``device`` with entries in ``[-1, length)``."""
     if not isinstance(index, torch.Tensor):
         raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
@@ -96,7 +100,7 @@ def _check_index(index: torch.Tensor, batch: int, length: int, device: torch.dev
         raise ValueError(f"index must be (B={batch}, K), got shape {tuple(index.shape)}")
     if index.device != device:
         raise ValueError(f"index is on {index.device} but the gathered tensors are on {device}")
-    if index.numel():
+    if check_range and index.numel():
         lo, hi = (int(v) for v in torch.aminmax(index))  # one host sync for both bounds
         if lo < -1 or hi >= length:
             raise IndexError(
@@ -141,13 +145,13 @@ def _triton_module():
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_tokens(hidden, index, positions, mask) -> None:
+def _check_tokens(hidden, index, positions, mask, check_range=True) -> None:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, L, D), got shape {tuple(hidden.shape)}")
     batch, length, _ = hidden.shape
-    _check_index(index, batch, length, hidden.device)
+    _check_index(index, batch, length, hidden.device, check_range)
     if positions is not None:
         _check_tensor("positions", positions, (2, 3), hidden.device)
         if tuple(positions.shape[-2:]) != (batch, length):
@@ -201,6 +205,7 @@ def gather_tokens(
     mask: torch.Tensor | None = None,
     *,
     backend: str = "auto",
+    check: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Gather the kept tokens of hidden states, position ids and attention mask in one pass.
 
@@ -210,6 +215,8 @@ def gather_tokens(
         positions: ``(B, L)`` or ``(P, B, L)`` (e.g. Qwen M-RoPE, ``P = 3``) integer position ids, or None.
         mask: ``(B, L)`` attention mask of any dtype (long, bool, float), or None.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring).
+        check: validate the index range (one host sync). Internal callers that built the index with
+            :func:`keep_mask_to_index` pass False.
 
     Returns:
         ``(hidden (B, K, D), positions (B, K) / (P, B, K) or None, mask (B, K))``, new contiguous tensors
@@ -221,7 +228,7 @@ def gather_tokens(
             entry outside ``[-1, L)``.
         ImportError: ``backend="triton"`` without triton installed.
     """
-    _check_tokens(hidden, index, positions, mask)
+    _check_tokens(hidden, index, positions, mask, check)
     inputs = tuple(t for t in (hidden, positions, mask) if t is not None)
     if _resolve_backend(backend, inputs) == "torch":
         return gather_tokens_torch(hidden, index, positions, mask)

@@ -132,13 +132,13 @@ class DyVTEPlan(LayerPlan):
         self.exit_layer = None
 
     @torch.no_grad()
-    def decide(self, layer, hidden, visual, real, attention):
+    def decide(self, layer, hidden, visual, real, attention, counts):
         batch = hidden.shape[0]
         if self.exit_layer is None:
             self.exit_layer = torch.full((batch,), -1, dtype=torch.long)
         if layer < self.config.min_layer or layer >= self.num_layers - 1:
             return None
-        pending = (self.exit_layer < 0) & (visual & real).any(-1).cpu()
+        pending = (self.exit_layer < 0) & torch.tensor([n > 0 for n in counts])
         if not pending.any():
             return None
         prob = self.gates(layer, text_state_features(hidden, visual, real)).float().softmax(-1)[:, 1].cpu()
@@ -146,7 +146,8 @@ class DyVTEPlan(LayerPlan):
         if not exits.any():
             return None
         self.exit_layer[exits] = layer
-        return ~(visual & exits.to(visual.device)[:, None])
+        kept = [0 if e else n for e, n in zip(exits.tolist(), counts)]
+        return ~(visual & exits.to(visual.device)[:, None]), kept
 
 
 @register_method(DyVTEConfig, stage="layers")

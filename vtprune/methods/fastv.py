@@ -47,20 +47,20 @@ class FastVPlan(LayerPlan):
         self.config = config
         self.probe_layers = (config.layer - 1,)
 
-    def decide(self, layer, hidden, visual, real, attention):
+    def decide(self, layer, hidden, visual, real, attention, counts):
         if layer != self.config.layer - 1:
             return None
-        scores = attention[layer]  # (batch, seq): last query's attention
-        keep = torch.ones_like(visual)
-        for b in range(visual.shape[0]):
-            candidates = (visual[b] & real[b]).nonzero().squeeze(-1)
-            if candidates.numel() == 0:
-                continue
-            k = keep_count(candidates.numel(), self.config.keep_ratio)
-            order = torch.sort(scores[b, candidates].float(), descending=True, stable=True).indices
-            keep[b, candidates] = False
-            keep[b, candidates[order[:k]]] = True
-        return keep
+        kept = [keep_count(n, self.config.keep_ratio) if n else 0 for n in counts]
+        if kept == counts:
+            return None
+        candidates = visual & real
+        scores = attention[layer].float().masked_fill(~candidates, float("-inf"))  # last query's attention
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+        )
+        limit = torch.tensor(kept, device=rank.device)[:, None]
+        return ~candidates | (rank < limit), kept
 
 
 @register_method(FastVConfig, stage="layers")

@@ -37,8 +37,10 @@ class StaticExitPlan(LayerPlan):
             raise ValueError(f"exit layer {config.layer} must be below the {num_layers} decoder layers")
         self.layer = config.layer
 
-    def decide(self, layer, hidden, visual, real, attention):
-        return ~visual if layer == self.layer - 1 else None
+    def decide(self, layer, hidden, visual, real, attention, counts):
+        if layer != self.layer - 1 or not any(counts):
+            return None
+        return ~visual, [0] * len(counts)
 
 
 @register_method(StaticExitConfig, stage="layers")
