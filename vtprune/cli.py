@@ -129,6 +129,49 @@ def _eval(args) -> int:
     return 0
 
 
+def _train_dyvte(args) -> int:
+    import torch
+
+    from .dyvte_train import train_dyvte
+
+    torch.manual_seed(args.seed)
+    if args.model != "toy":
+        raise SystemExit(
+            "train-dyvte builds its calibration set from the synthetic benchmark's train split, which only the "
+            "toy model reads; for other models call vtprune.dyvte_train.train_dyvte(model, batches) with "
+            "processor outputs of your calibration data"
+        )
+    from .toy import TOY_MODEL_DIR, build_prompt, load_toy_model
+    from .toy.synthetic import generate
+
+    model, processor = load_toy_model()
+    rows = [
+        (image, q) for _, image, qas in generate("train", args.images, seed=args.seed + 11) for _, q, _ in qas
+    ]
+    rows = rows[: args.samples]
+    batches = [
+        processor(
+            images=[r[0] for r in rows[i : i + args.batch_size]],
+            text=[build_prompt(r[1]) for r in rows[i : i + args.batch_size]],
+            return_tensors="pt",
+            padding=True,
+        )
+        for i in range(0, len(rows), args.batch_size)
+    ]
+    out = args.out or (TOY_MODEL_DIR / "vtprune_dyvte")
+    folder, report = train_dyvte(
+        model, [dict(b) for b in batches], out=out, max_new_tokens=3, epochs=args.epochs
+    )
+    print(
+        f"saved DyVTE gates to {folder} ({report['samples']} calibration samples, {report['cpu_seconds']:.0f} CPU s)"
+    )
+    for layer, stats in report["layers"].items():
+        print(
+            f"  layer {layer}: exit label rate {stats['exit_rate']:.2f}, gate train accuracy {stats['train_accuracy']:.2f}"
+        )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vtprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="auto")
     ev.set_defaults(func=_eval)
+
+    dy = sub.add_parser(
+        "train-dyvte", help="train DyVTE exit gates on a calibration set and save them beside the model"
+    )
+    dy.add_argument("--model", default="toy")
+    dy.add_argument("--samples", type=int, default=512, help="calibration questions")
+    dy.add_argument(
+        "--images", type=int, default=400, help="calibration scenes generated (train split stream)"
+    )
+    dy.add_argument("--batch-size", type=int, default=32)
+    dy.add_argument("--epochs", type=int, default=300)
+    dy.add_argument("--seed", type=int, default=0)
+    dy.add_argument("--out", default=None, help="default: <model folder>/vtprune_dyvte")
+    dy.set_defaults(func=_train_dyvte)
 
     args = parser.parse_args(argv)
     return args.func(args)
