@@ -89,6 +89,20 @@ def greedy_no_cache(model, ref: dict, steps: int) -> tuple[torch.Tensor, list[to
     return torch.stack(tokens, 1), logits
 
 
+def greedy_with_logits(model, inputs, steps: int, cache: str = "dynamic"):
+    """``generate`` greedily for ``steps`` tokens, returning sequences and per-step logits."""
+    extra = {"cache_implementation": "static"} if cache == "static" else {}
+    with torch.no_grad():
+        return model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            **extra,
+        )
+
+
 def selection_of(model):
     return vtprune.get_pruner(model).last
 

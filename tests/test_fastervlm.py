@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import full_positions, greedy_no_cache, kept_reference_inputs, selection_of
+from helpers import full_positions, greedy_no_cache, greedy_with_logits, kept_reference_inputs, selection_of
 
 import vtprune
 from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen_vl
@@ -160,16 +160,7 @@ def test_generate_equals_no_cache_recomputation_on_kept_tokens(family, attn, cac
     model, inputs, contiguous = build(family, attn)
     steps = 5
     vtprune.wrap(model, "fastervlm", keep_ratio=0.3)
-    extra = {"cache_implementation": "static"} if cache == "static" else {}
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **extra,
-        )
+    out = greedy_with_logits(model, inputs, steps, cache)
     selection = selection_of(model)
     vtprune.unwrap(model)
     ref_tokens, ref_logits = greedy_no_cache(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import alive_per_layer, capture_language_model_inputs, greedy_masked_no_cache
+from helpers import alive_per_layer, capture_language_model_inputs, greedy_masked_no_cache, greedy_with_logits
 
 import vtprune
 from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen_vl
@@ -32,16 +32,7 @@ def test_generate_equals_masked_recomputation(family, method, attn, cache):
     inputs = make_inputs(model)
     steps = 4
     vtprune.wrap(model, dict(METHODS[method]))
-    extra = {"cache_implementation": "static"} if cache == "static" else {}
-    with torch.no_grad():
-        out = model.generate(
-            **inputs,
-            max_new_tokens=steps,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            **extra,
-        )
+    out = greedy_with_logits(model, inputs, steps, cache)
     pruner = vtprune.get_pruner(model)
     engine, selection = pruner.engine, pruner.last
     batch, seq = inputs["input_ids"].shape
