@@ -252,8 +252,8 @@ def _run_setting(run, bench, setting, todo, path, name, label, dims, progress):
     if pruned:
         wrap(model, dict(setting))
     try:
-        for _ in range(run.warmup):  # compile/caches/allocator warm-up; nothing recorded
-            run.answer(todo[0][1][:1], model, bench.generation_kwargs)
+        for _ in range(run.warmup):  # a full first batch: kernels, caches, allocator; nothing recorded
+            run.answer(todo[0][1], model, bench.generation_kwargs)
         bar = tqdm(todo, desc=f"{name} {label}", disable=not progress, unit="batch")
         for batch_index, samples in bar:
             predictions, stats = run.answer(samples, model, bench.generation_kwargs)
