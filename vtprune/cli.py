@@ -69,7 +69,7 @@ def _bench_prefill(args) -> int:
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     print(
-        f"mid-size random LLaVA: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
+        f"{args.size} random LLaVA: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
         f"device={args.device}, dtype={args.dtype}, threads={torch.get_num_threads()}"
     )
     if args.method in ("static_exit", "fastv") and args.layers:
