@@ -1,6 +1,6 @@
 """GPU smoke check: pruned generate() on CUDA (Triton gathers in the path) equals the same on CPU.
 
-    PYTHONPATH=. python benchmarks/gpu_check.py
+PYTHONPATH=. python benchmarks/gpu_check.py
 """
 
 import torch
@@ -23,8 +23,9 @@ def run(model, inputs, setting, device):
     vtprune.wrap(model, dict(setting))
     try:
         with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
+            out = model.generate(
+                **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
     finally:
         vtprune.unwrap(model)
     return out.sequences.cpu(), torch.stack(out.logits).float().cpu()

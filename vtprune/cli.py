@@ -21,7 +21,7 @@ def _demo(args) -> int:
     if load_toy_model is not None and not args.random:
         model, processor = load_toy_model()
         data = load_toy_benchmark("test").select(range(args.samples))
-        from .toy import answer_questions
+        from .toy import answer_questions, build_prompt
 
         print(
             f"toy LLaVA ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) on the synthetic VQA test split"
@@ -37,7 +37,9 @@ def _demo(args) -> int:
                 unwrap(model)
             acc = sum(a == t for a, t in zip(answers, data["answer"])) / len(answers)
             print(f"| {method} | {ratio:g} | {kept if kept is not None else 'all'} | {acc:.3f} |")
-        inputs = processor(images=data["image"][:1], text=[data["question"][0]], return_tensors="pt")
+        inputs = processor(
+            images=data["image"][:1], text=[build_prompt(data["question"][0])], return_tensors="pt"
+        )
     else:
         print("random mid-size LLaVA (576 visual tokens), random weights")
         model = benchmark.mid_llava()
@@ -130,6 +132,8 @@ def _eval(args) -> int:
 
 
 def _train_dyvte(args) -> int:
+    import itertools
+
     import torch
 
     from .dyvte_train import train_dyvte
@@ -146,7 +150,10 @@ def _train_dyvte(args) -> int:
 
     model, processor = load_toy_model()
     rows = [
-        (image, q) for _, image, qas in generate("train", args.images, seed=args.seed + 11) for _, q, _ in qas
+        (image, q)
+        # Train-split scenes the model was not trained on (training uses the first 3000).
+        for _, image, qas in itertools.islice(generate("train", 3000 + args.images), 3000, None)
+        for _, q, _ in qas
     ]
     rows = rows[: args.samples]
     batches = [
@@ -236,7 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     dy.set_defaults(func=_train_dyvte)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: the message says what to do, no traceback
+        parser.exit(2, f"vtprune {args.command}: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 IMAGE_SIZE = 96
-PATCH_SIZE = 12  # 8 x 8 = 64 visual tokens per image
+PATCH_SIZE = 16  # 6 x 6 = 36 visual tokens per image: 2 x 2 per grid cell
 GRID = 3
 COLORS = {
     "red": (220, 40, 40),

@@ -1,12 +1,17 @@
 """Train the toy LLaVA on CPU and save it (model + processor) with ``save_pretrained``.
 
-    python -m vtprune.toy.train --out vtprune/toy/assets/toy-llava
+    python -m vtprune.toy.train --out vtprune/toy/assets/toy-llava    # the shipped weights: ~27 CPU minutes
 
-Stage 1 trains the vision tower alone with heads on the [CLS] token of the feature layer (-2): which
-colour-shape pairs are present, how many of each shape, and which shape sits in each grid cell. The [CLS]
-token must gather localised evidence, so its attention at that layer becomes the meaningful signal
-FasterVLM reads. Stage 2 trains the whole VLM on question answering, with the loss on the answer word and the
-end-of-sequence token only. Everything is seeded; the train split is regenerated from its seed.
+Stage 1 trains the vision tower alone on the feature layer (-2): heads on its [CLS] token (which colour-shape
+pairs are present, how many of each shape, which shape sits in each grid cell) make [CLS] gather localised
+evidence, so its attention is the meaningful signal FasterVLM reads; per-patch heads (colour, shape and grid
+cell under each patch) make every visual token say what lies under it. The feature layer's output is then
+standardised, folded exactly into the projector's first linear layer.
+
+Stage 2 freezes the tower (as LLaVA does) and trains the projector and language model on LLaVA-style data:
+multi-turn conversations holding all of an image's questions, plus a caption per image (every grid cell as
+``<position> <color> <shape>``), the dense grounding signal. The loss is on answer tokens and end-of-sequence
+only. Everything is seeded; the train split is regenerated from its seed.
 """
 
 from __future__ import annotations
@@ -22,9 +27,59 @@ import torch
 from torch import nn
 
 from .model import build_model, build_processor, build_prompt, build_tokenizer
-from .synthetic import COLORS, GRID, SHAPES, generate
+from .synthetic import COLORS, GRID, IMAGE_SIZE, PATCH_SIZE, POSITIONS, SHAPES, generate, render
 
 __all__ = ["train", "main"]
+
+
+def _patch_labels(scene):
+    """Per patch (row-major): the colour and shape (1-based; 0 = background) of the object covering most of it,
+    and the grid cell the patch lies in.
+
+    Rendered from the scene itself: each item is drawn in a colour that encodes its index."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from .synthetic import Item
+
+    label_colors = list(COLORS)
+    coded = replace(
+        scene, items=tuple(Item(i.shape, label_colors[k], i.cell) for k, i in enumerate(scene.items))
+    )
+    pixels = np.asarray(render(coded))
+    n = IMAGE_SIZE // PATCH_SIZE
+    colors, shapes = torch.zeros(n * n, dtype=torch.long), torch.zeros(n * n, dtype=torch.long)
+    cells = torch.zeros(n * n, dtype=torch.long)
+    for p in range(n * n):
+        r, c = divmod(p, n)
+        cells[p] = (r * GRID // n) * GRID + c * GRID // n
+        block = pixels[r * PATCH_SIZE : (r + 1) * PATCH_SIZE, c * PATCH_SIZE : (c + 1) * PATCH_SIZE]
+        counts = [
+            int((block == np.array(v)).all(-1).sum()) for v in list(COLORS.values())[: len(scene.items)]
+        ]
+        if counts and max(counts) >= 8:  # the item covering most of the patch, if any covers some
+            item = scene.items[int(np.argmax(counts))]
+            colors[p] = 1 + list(COLORS).index(item.color)
+            shapes[p] = 1 + SHAPES.index(item.shape)
+    return colors, shapes, cells
+
+
+CAPTION_QUESTION = "what is there ?"
+
+
+def caption(scene) -> str:
+    """Every grid cell in reading order as ``<position> <color> <shape>`` (``no no`` when empty).
+
+    Captions are the dense grounding signal (LLaVA's stage-1 data are captions too): each colour and shape word
+    must be read off the visual tokens of the cell just named, which a single answer word per image teaches
+    far more slowly."""
+    by_cell = {i.cell: i for i in scene.items}
+    words = []
+    for cell, position in enumerate(POSITIONS):
+        item = by_cell.get(cell)
+        words += [position, item.color, item.shape] if item else [position, "no", "no"]
+    return " ".join(words)
 
 
 def _scene_targets(scene):
@@ -37,13 +92,19 @@ def _scene_targets(scene):
         pairs[colors.index(item.color) * len(SHAPES) + s] = 1
         cells[item.cell] = 1 + s
         counts[s] += 1
-    return pairs, cells, counts
+    return (pairs, cells, counts, *_patch_labels(scene))
 
 
 class ClsHeads(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
+        # Patch heads make each visual token say what lies under it, so that the LLM can ground words in
+        # tokens after a short stage 2 (grounding from scratch takes far longer than a CPU budget allows).
+        self.patch_norm = nn.LayerNorm(dim)
+        self.patch_color = nn.Linear(dim, 1 + len(COLORS))
+        self.patch_shape = nn.Linear(dim, 1 + len(SHAPES))
+        self.patch_cell = nn.Linear(dim, GRID * GRID)
         self.pairs = nn.Linear(dim, len(COLORS) * len(SHAPES))
         self.cells = nn.Linear(dim, GRID * GRID * (1 + len(SHAPES)))
         self.counts = nn.Linear(dim, len(SHAPES) * 5)
@@ -56,6 +117,10 @@ class ClsHeads(nn.Module):
             self.counts(h).view(-1, 3, 5),
         )
 
+    def patches(self, tokens):
+        h = self.patch_norm(tokens)
+        return self.patch_color(h), self.patch_shape(h), self.patch_cell(h)
+
 
 def _cosine(step, total, warmup):
     if step < warmup:
@@ -63,11 +128,20 @@ def _cosine(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _encode_qa(tokenizer, question, answer, n_image_tokens):
-    prompt = build_prompt(question).replace("<image>", "<image>" * n_image_tokens)
-    ids = tokenizer(prompt)["input_ids"]
-    target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids + target, [-100] * len(ids) + target
+def _encode_conversation(tokenizer, turns, n_image_tokens):
+    """``(input_ids, labels)`` of a LLaVA-1.5 conversation about one image; only the answers are learned.
+
+    The first turn is exactly the inference prompt; later turns continue as ``USER: q ASSISTANT: a</s>``."""
+    ids, labels = [], []
+    for k, (question, answer) in enumerate(turns):
+        if k == 0:
+            prompt = tokenizer(build_prompt(question).replace("<image>", "<image>" * n_image_tokens))
+        else:
+            prompt = tokenizer(f"USER: {question} ASSISTANT:", add_special_tokens=False)
+        target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += prompt["input_ids"] + target
+        labels += [-100] * len(prompt["input_ids"]) + target
+    return ids, labels
 
 
 def _batch(rows, pad_id):
@@ -86,11 +160,14 @@ def train(
     out: str | Path,
     seed: int = 0,
     images: int = 3000,
-    vision_steps: int = 800,
-    vlm_steps: int = 2500,
+    vision_steps: int = 600,
+    vlm_steps: int = 6500,
     batch_size: int = 32,
-    threads: int = 2,
+    threads: int = 1,
     log_every: int = 100,
+    lm_lr: float = 2e-3,
+    captions: bool = True,
+    multi_turn: bool = True,
 ) -> dict:
     torch.set_num_threads(threads)
     random.seed(seed)
@@ -101,17 +178,29 @@ def train(
     model = build_model(tokenizer, seed=seed)
     n_image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
 
-    scenes, pixels, qas = [], [], []
+    # Conversations as ``(image index, [(question, answer), ...])``. With ``multi_turn`` all of an image's
+    # questions share one conversation in random order, as LLaVA's instruction data does: several answers
+    # per image forward. Captions always stand alone, or later answers could be read off the caption's text.
+    scenes, pixels, conversations = [], [], []
+    order = random.Random(seed)
     for scene, image, questions in generate("train", images, seed=None):
         scenes.append(scene)
         pixels.append(
             processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0].half()
         )
-        qas.extend((len(scenes) - 1, q, a) for _, q, a in questions)
+        turns = [(q, a) for _, q, a in questions]
+        if multi_turn:
+            order.shuffle(turns)
+            conversations.append((len(scenes) - 1, turns))
+        else:
+            conversations.extend((len(scenes) - 1, [t]) for t in turns)
+        if captions:
+            conversations.append((len(scenes) - 1, [(CAPTION_QUESTION, caption(scene))]))
+    n_questions = sum(len(t) for _, t in conversations)
     pixels = torch.stack(pixels)
     targets = [torch.stack(t) for t in zip(*(_scene_targets(s) for s in scenes))]
     print(
-        f"data: {len(scenes)} train images, {len(qas)} questions ({time.time() - start_wall:.0f}s)",
+        f"data: {len(scenes)} train images, {n_questions} questions ({time.time() - start_wall:.0f}s)",
         flush=True,
     )
 
@@ -126,12 +215,16 @@ def train(
         for group in opt.param_groups:
             group["lr"] = 2e-3 * _cosine(step, vision_steps, 50)
         idx = torch.randint(len(scenes), (batch_size * 2,), generator=g)
-        hidden = tower(pixels[idx].float(), output_hidden_states=True).hidden_states[-2][:, 0]
-        p_pairs, p_cells, p_counts = heads(hidden)
+        features = tower(pixels[idx].float(), output_hidden_states=True).hidden_states[-2]
+        p_pairs, p_cells, p_counts = heads(features[:, 0])
+        p_color, p_shape, p_cell = heads.patches(features[:, 1:])
         loss = (
             nn.functional.binary_cross_entropy_with_logits(p_pairs, targets[0][idx])
             + nn.functional.cross_entropy(p_cells.flatten(0, 1), targets[1][idx].flatten())
             + nn.functional.cross_entropy(p_counts.flatten(0, 1), targets[2][idx].flatten())
+            + nn.functional.cross_entropy(p_color.flatten(0, 1), targets[3][idx].flatten())
+            + nn.functional.cross_entropy(p_shape.flatten(0, 1), targets[4][idx].flatten())
+            + nn.functional.cross_entropy(p_cell.flatten(0, 1), targets[5][idx].flatten())
         )
         opt.zero_grad()
         loss.backward()
@@ -140,20 +233,40 @@ def train(
         if step % log_every == 0 or step == vision_steps - 1:
             print(f"vision step {step:5d} loss {loss.item():.4f}", flush=True)
 
+    # Standardise the feature layer's output for the projector, folded exactly into its first linear layer:
+    # stage 1 leaves features with a large common component (its heads normalise), which would drown the
+    # per-token differences the language model has to read.
+    with torch.no_grad():
+        tower.eval()
+        sample = torch.cat(
+            [
+                tower(pixels[i : i + 256].float(), output_hidden_states=True).hidden_states[-2][:, 1:]
+                for i in range(0, min(len(pixels), 1024), 256)
+            ]
+        ).flatten(0, 1)
+        mean, std = sample.mean(0), sample.std(0) + 1e-5
+        first = model.model.multi_modal_projector.linear_1
+        first.weight.div_(std[None, :])
+        first.bias.sub_(first.weight @ mean)
+
     # Stage 2: the whole VLM on question answering.
-    encoded = [(*_encode_qa(tokenizer, q, a, n_image_tokens), i) for i, q, a in qas]
+    encoded = [(*_encode_conversation(tokenizer, turns, n_image_tokens), i) for i, turns in conversations]
+    # The vision tower stays frozen, as in LLaVA's training: its [CLS] attention and per-patch grounding are
+    # what stage 1 built, and question answering alone would wash them out.
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    tower.eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lm_lr, weight_decay=0.01)
     for step in range(vlm_steps):
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * _cosine(step, vlm_steps, 100)
+            group["lr"] = lm_lr * _cosine(step, vlm_steps, 100)
         rows = [encoded[j] for j in torch.randint(len(encoded), (batch_size,), generator=g).tolist()]
         ids, labels, mask = _batch(rows, tokenizer.pad_token_id)
         pix = pixels[torch.tensor([r[2] for r in rows])].float()
         loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
         opt.zero_grad()
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         if step % log_every == 0 or step == vlm_steps - 1:
             print(f"vlm step {step:5d} loss {loss.item():.4f}", flush=True)
@@ -166,7 +279,9 @@ def train(
     report = {
         "seed": seed,
         "train_images": images,
-        "train_questions": len(qas),
+        "train_questions": n_questions,
+        "multi_turn": multi_turn,
+        "captions": captions,
         "vision_steps": vision_steps,
         "vlm_steps": vlm_steps,
         "batch_size": batch_size,
@@ -186,13 +301,25 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "assets" / "toy-llava"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--images", type=int, default=3000)
-    parser.add_argument("--vision-steps", type=int, default=800)
-    parser.add_argument("--vlm-steps", type=int, default=2500)
+    parser.add_argument("--vision-steps", type=int, default=600)
+    parser.add_argument("--vlm-steps", type=int, default=6500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 reproduces the shipped weights")
+    parser.add_argument("--lm-lr", type=float, default=2e-3)
+    parser.add_argument("--single-turn", action="store_true", help="one question per training sequence")
+    parser.add_argument("--no-captions", action="store_true", help="question answering only in stage 2")
     args = parser.parse_args(argv)
     report = train(
-        args.out, args.seed, args.images, args.vision_steps, args.vlm_steps, args.batch_size, args.threads
+        args.out,
+        seed=args.seed,
+        images=args.images,
+        vision_steps=args.vision_steps,
+        vlm_steps=args.vlm_steps,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        lm_lr=args.lm_lr,
+        captions=not args.no_captions,
+        multi_turn=not args.single_turn,
     )
     print(json.dumps(report, indent=2))
 
