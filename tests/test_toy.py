@@ -69,8 +69,8 @@ def test_model_loads_offline_with_from_pretrained(toy):
 
 def test_accuracy_with_all_tokens(toy):
     """The shipped model answers from the image. Measured on the full test split: 88.6% overall; colour,
-    count, existence and position questions 96-100%, but "what shape is in the <cell> ?" only 50% (it fits
-    the train split and does not generalise), so the 90% overall target is not met yet."""
+    count, existence and position questions 96-100%, but "what shape is in the <cell> ?" only 50% (76% on
+    train-split scenes: under-learnt), so the 90% overall target is not met yet."""
     model, processor, data = toy
     answers = answer_questions(model, processor, data["image"], data["question"])
     per_type = {}
