@@ -133,6 +133,7 @@ def _eval(args) -> int:
 
 def _train_dyvte(args) -> int:
     import itertools
+    import json
 
     import torch
 
@@ -149,10 +150,11 @@ def _train_dyvte(args) -> int:
     from .toy.synthetic import generate
 
     model, processor = load_toy_model()
+    # Calibrate on train-split scenes the model was not trained on: those after the ones its training used.
+    seen = json.loads((TOY_MODEL_DIR / "training.json").read_text())["train_images"]
     rows = [
         (image, q)
-        # Train-split scenes the model was not trained on (training uses the first 3000).
-        for _, image, qas in itertools.islice(generate("train", 3000 + args.images), 3000, None)
+        for _, image, qas in itertools.islice(generate("train", seen + args.images), seen, None)
         for _, q, _ in qas
     ]
     rows = rows[: args.samples]

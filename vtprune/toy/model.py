@@ -92,6 +92,7 @@ def build_model(tokenizer, seed: int = 0):
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
+        image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,  # the default, 576, is LLaVA-1.5's
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )

@@ -249,7 +249,7 @@ def train(
         first.weight.div_(std[None, :])
         first.bias.sub_(first.weight @ mean)
 
-    # Stage 2: the whole VLM on question answering.
+    # Stage 2: projector + language model on the conversations and captions.
     encoded = [(*_encode_conversation(tokenizer, turns, n_image_tokens), i) for i, turns in conversations]
     # The vision tower stays frozen, as in LLaVA's training: its [CLS] attention and per-patch grounding are
     # what stage 1 built, and question answering alone would wash them out.
