@@ -152,14 +152,14 @@ def test_training_command_is_deterministic_and_saves_a_loadable_model(tmp_path):
     small = dict(images=12, vision_steps=2, vlm_steps=2, batch_size=4, log_every=1000)
     reports = [train(tmp_path / name, **small) for name in ("a", "b")]
     assert reports[0]["caption_order"] == "shuffled"
-    a = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True).state_dict()
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True).eval()
+    a = model.state_dict()
     b = LlavaForConditionalGeneration.from_pretrained(tmp_path / "b", local_files_only=True).state_dict()
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     processor = AutoProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
-    scene, image, qas = next(generate("test", 1))
-    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a").eval()
+    _, image, qas = next(generate("test", 1))
     assert len(answer_questions(model, processor, [image], [qas[0][1]])) == 1
     with pytest.raises(ValueError, match="caption_order"):
         train(tmp_path / "c", caption_order="random", **small)

@@ -24,13 +24,15 @@ import json
 import math
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from .model import build_model, build_processor, build_prompt, build_tokenizer
-from .synthetic import COLORS, GRID, IMAGE_SIZE, PATCH_SIZE, POSITIONS, SHAPES, generate, render
+from .synthetic import COLORS, GRID, IMAGE_SIZE, PATCH_SIZE, POSITIONS, SHAPES, Item, generate, render
 
 __all__ = ["train", "main"]
 
@@ -40,12 +42,6 @@ def _patch_labels(scene):
     and the grid cell the patch lies in.
 
     Rendered from the scene itself: each item is drawn in a colour that encodes its index."""
-    from dataclasses import replace
-
-    import numpy as np
-
-    from .synthetic import Item
-
     label_colors = list(COLORS)
     coded = replace(
         scene, items=tuple(Item(i.shape, label_colors[k], i.cell) for k, i in enumerate(scene.items))
@@ -176,6 +172,95 @@ def _batch(rows, pad_id):
     return ids, labels, mask
 
 
+def _optimizer_step(opt, loss, params) -> None:
+    opt.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+def _conversations(scenes_and_questions, multi_turn, captions, caption_order, rng):
+    """``(image index, [(question, answer), ...], shuffled caption?)`` per training sequence.
+
+    With ``multi_turn`` all of an image's questions share one conversation in random order, as LLaVA's
+    instruction data does: several answers per image forward. Captions always stand alone, or later answers
+    could be read off the caption's text."""
+    conversations = []
+    for index, (scene, questions) in enumerate(scenes_and_questions):
+        turns = [(q, a) for _, q, a in questions]
+        if multi_turn:
+            rng.shuffle(turns)
+            conversations.append((index, turns, False))
+        else:
+            conversations.extend((index, [t], False) for t in turns)
+        if captions:
+            shuffled = caption_order == "shuffled"
+            conversations.append(
+                (index, [(CAPTION_QUESTION, caption(scene, rng if shuffled else None))], shuffled)
+            )
+    return conversations
+
+
+def _train_tower(tower, pixels, targets, steps, batch_size, g, log_every) -> None:
+    """Stage 1: the vision tower with [CLS] and per-patch heads on the feature layer."""
+    heads = ClsHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    tower.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * _cosine(step, steps, 50)
+        idx = torch.randint(len(pixels), (batch_size * 2,), generator=g)
+        features = tower(pixels[idx].float(), output_hidden_states=True).hidden_states[-2]
+        p_pairs, p_cells, p_counts = heads(features[:, 0])
+        p_color, p_shape, p_cell = heads.patches(features[:, 1:])
+        loss = nn.functional.binary_cross_entropy_with_logits(p_pairs, targets[0][idx])
+        for logits, target in zip((p_cells, p_counts, p_color, p_shape, p_cell), targets[1:]):
+            loss = loss + nn.functional.cross_entropy(logits.flatten(0, 1), target[idx].flatten())
+        _optimizer_step(opt, loss, params)
+        if step % log_every == 0 or step == steps - 1:
+            print(f"vision step {step:5d} loss {loss.item():.4f}", flush=True)
+
+
+@torch.no_grad()
+def _fold_standardisation(model, pixels) -> None:
+    """Standardise the feature layer's output for the projector, folded exactly into its first linear layer:
+    stage 1 leaves features with a large common component (its heads normalise), which would drown the
+    per-token differences the language model has to read."""
+    tower = model.model.vision_tower.eval()
+    sample = torch.cat(
+        [
+            tower(pixels[i : i + 256].float(), output_hidden_states=True).hidden_states[-2][:, 1:]
+            for i in range(0, min(len(pixels), 1024), 256)
+        ]
+    ).flatten(0, 1)
+    mean, std = sample.mean(0), sample.std(0) + 1e-5
+    first = model.model.multi_modal_projector.linear_1
+    first.weight.div_(std[None, :])
+    first.bias.sub_(first.weight @ mean)
+
+
+def _train_language(model, tokenizer, encoded, pixels, steps, batch_size, lr, g, log_every) -> None:
+    """Stage 2: projector + language model on the conversations and captions. The vision tower stays frozen,
+    as in LLaVA's training: its [CLS] attention and per-patch grounding are what stage 1 built, and question
+    answering alone would wash them out."""
+    model.train()
+    model.model.vision_tower.eval().requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * _cosine(step, steps, 100)
+        rows = [encoded[j] for j in torch.randint(len(encoded), (batch_size,), generator=g).tolist()]
+        ids, labels, mask = _batch(rows, tokenizer.pad_token_id)
+        pix = pixels[torch.tensor([r[2] for r in rows])].float()
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
+        _optimizer_step(opt, loss, trainable)
+        if step % log_every == 0 or step == steps - 1:
+            print(f"vlm step {step:5d} loss {loss.item():.4f}", flush=True)
+    model.eval()
+
+
 def train(
     out: str | Path,
     seed: int = 0,
@@ -201,27 +286,16 @@ def train(
         model = build_model(tokenizer, seed=seed)
         n_image_tokens = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
 
-        # Conversations as ``(image index, [(question, answer), ...], shuffled caption?)``. With ``multi_turn``
-        # all of an image's questions share one conversation in random order, as LLaVA's instruction data does:
-        # several answers per image forward. Captions always stand alone, or later answers could be read off the
-        # caption's text.
-        scenes, pixels, conversations = [], [], []
-        order = random.Random(seed)
-        for scene, image, questions in generate("train", images, seed=None):
+        scenes, pixels, questions = [], [], []
+        for scene, image, qas in generate("train", images, seed=None):
             scenes.append(scene)
+            questions.append(qas)
             pixels.append(
                 processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0].half()
             )
-            turns = [(q, a) for _, q, a in questions]
-            if multi_turn:
-                order.shuffle(turns)
-                conversations.append((len(scenes) - 1, turns, False))
-            else:
-                conversations.extend((len(scenes) - 1, [t], False) for t in turns)
-            if captions:
-                shuffled = caption_order == "shuffled"
-                text = caption(scene, order if shuffled else None)
-                conversations.append((len(scenes) - 1, [(CAPTION_QUESTION, text)], shuffled))
+        conversations = _conversations(
+            zip(scenes, questions), multi_turn, captions, caption_order, random.Random(seed)
+        )
         n_questions = sum(len(t) for _, t, _ in conversations)
         pixels = torch.stack(pixels)
         targets = [torch.stack(t) for t in zip(*(_scene_targets(s) for s in scenes))]
@@ -230,84 +304,22 @@ def train(
             flush=True,
         )
 
-        # Stage 1: vision tower with [CLS] heads on the feature layer.
-        tower = model.model.vision_tower
-        heads = ClsHeads(tower.config.hidden_size)
-        params = list(tower.parameters()) + list(heads.parameters())
-        opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
         g = torch.Generator().manual_seed(seed)
-        tower.train()
-        for step in range(vision_steps):
-            for group in opt.param_groups:
-                group["lr"] = 2e-3 * _cosine(step, vision_steps, 50)
-            idx = torch.randint(len(scenes), (batch_size * 2,), generator=g)
-            features = tower(pixels[idx].float(), output_hidden_states=True).hidden_states[-2]
-            p_pairs, p_cells, p_counts = heads(features[:, 0])
-            p_color, p_shape, p_cell = heads.patches(features[:, 1:])
-            loss = (
-                nn.functional.binary_cross_entropy_with_logits(p_pairs, targets[0][idx])
-                + nn.functional.cross_entropy(p_cells.flatten(0, 1), targets[1][idx].flatten())
-                + nn.functional.cross_entropy(p_counts.flatten(0, 1), targets[2][idx].flatten())
-                + nn.functional.cross_entropy(p_color.flatten(0, 1), targets[3][idx].flatten())
-                + nn.functional.cross_entropy(p_shape.flatten(0, 1), targets[4][idx].flatten())
-                + nn.functional.cross_entropy(p_cell.flatten(0, 1), targets[5][idx].flatten())
-            )
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            if step % log_every == 0 or step == vision_steps - 1:
-                print(f"vision step {step:5d} loss {loss.item():.4f}", flush=True)
-
-        # Standardise the feature layer's output for the projector, folded exactly into its first linear layer:
-        # stage 1 leaves features with a large common component (its heads normalise), which would drown the
-        # per-token differences the language model has to read.
-        with torch.no_grad():
-            tower.eval()
-            sample = torch.cat(
-                [
-                    tower(pixels[i : i + 256].float(), output_hidden_states=True).hidden_states[-2][:, 1:]
-                    for i in range(0, min(len(pixels), 1024), 256)
-                ]
-            ).flatten(0, 1)
-            mean, std = sample.mean(0), sample.std(0) + 1e-5
-            first = model.model.multi_modal_projector.linear_1
-            first.weight.div_(std[None, :])
-            first.bias.sub_(first.weight @ mean)
-
-        # Stage 2: projector + language model on the conversations and captions.
+        _train_tower(model.model.vision_tower, pixels, targets, vision_steps, batch_size, g, log_every)
+        _fold_standardisation(model, pixels)
         # In a shuffled caption the next position word is a coin toss: it is context, not a target.
         position_ids = frozenset(tokenizer.convert_tokens_to_ids(list(POSITIONS)))
         encoded = [
             (
                 *_encode_conversation(
-                    tokenizer, turns, n_image_tokens, position_ids if mask else frozenset()
+                    tokenizer, turns, n_image_tokens, position_ids if shuffled else frozenset()
                 ),
                 i,
             )
-            for i, turns, mask in conversations
+            for i, turns, shuffled in conversations
         ]
-        # The vision tower stays frozen, as in LLaVA's training: its [CLS] attention and per-patch grounding are
-        # what stage 1 built, and question answering alone would wash them out.
-        model.train()
-        tower.eval().requires_grad_(False)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=lm_lr, weight_decay=0.01)
-        for step in range(vlm_steps):
-            for group in opt.param_groups:
-                group["lr"] = lm_lr * _cosine(step, vlm_steps, 100)
-            rows = [encoded[j] for j in torch.randint(len(encoded), (batch_size,), generator=g).tolist()]
-            ids, labels, mask = _batch(rows, tokenizer.pad_token_id)
-            pix = pixels[torch.tensor([r[2] for r in rows])].float()
-            loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(trainable, 1.0)
-            opt.step()
-            if step % log_every == 0 or step == vlm_steps - 1:
-                print(f"vlm step {step:5d} loss {loss.item():.4f}", flush=True)
+        _train_language(model, tokenizer, encoded, pixels, vlm_steps, batch_size, lm_lr, g, log_every)
 
-        model.eval()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
