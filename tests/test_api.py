@@ -121,7 +121,7 @@ def test_random_differs_from_fastervlm_and_is_seeded():
 
 
 def test_keep_count_rounding_matches_paper_counts():
-    from vtprune.selection import keep_count
+    from vtprune.runtime.selection import keep_count
 
     assert [keep_count(576, r) for r in (0.25, 0.1, 0.05)] == [144, 58, 29]
     assert keep_count(3, 0.01) == 1

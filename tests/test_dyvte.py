@@ -5,9 +5,9 @@ import torch
 from helpers import alive_per_layer, capture_language_model_inputs, greedy_masked_no_cache
 
 import vtprune
-from vtprune.dyvte_train import collect_exit_data, train_dyvte, train_gates
 from vtprune.methods.dyvte import ExitGates, text_state_features
 from vtprune.testing import llava_inputs, tiny_llava
+from vtprune.tune.dyvte import collect_exit_data, train_dyvte, train_gates
 
 
 class RuleGates(ExitGates):

@@ -5,12 +5,12 @@ import torch
 from helpers import full_positions, greedy_no_cache, greedy_with_logits, kept_reference_inputs, selection_of
 
 import vtprune
-from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen_vl
+from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen2_5_vl, tiny_qwen2_vl
 
 FAMILIES = {
     "llava": (tiny_llava, llava_inputs, True),
-    "qwen2_vl": (lambda **kw: tiny_qwen_vl("2", **kw), qwen_vl_inputs, False),
-    "qwen2_5_vl": (lambda **kw: tiny_qwen_vl("2.5", **kw), qwen_vl_inputs, False),
+    "qwen2_vl": (lambda **kw: tiny_qwen2_vl(**kw), qwen_vl_inputs, False),
+    "qwen2_5_vl": (lambda **kw: tiny_qwen2_5_vl(**kw), qwen_vl_inputs, False),
 }
 
 
@@ -103,7 +103,7 @@ def test_kept_indices_match_eager_cls_attention_reference():
 def test_qwen2_vl_received_attention_matches_manual_reference():
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
-    model = tiny_qwen_vl("2")
+    model = tiny_qwen2_vl()
     inputs = qwen_vl_inputs(model)
     captured = {}
     block = model.model.visual.blocks[-1].attn
@@ -130,7 +130,7 @@ def test_qwen2_vl_received_attention_matches_manual_reference():
 
 def test_qwen2_5_vl_scores_follow_raw_token_order():
     """Window order inside the ViT must map back to the row-major order of the LLM's visual tokens."""
-    model = tiny_qwen_vl("2.5")
+    model = tiny_qwen2_5_vl()
     inputs = qwen_vl_inputs(model, grids=((1, 8, 12),), text_lengths=(4,))
     visual = model.model.visual
     window_out = {}
@@ -172,6 +172,6 @@ def test_generate_equals_no_cache_recomputation_on_kept_tokens(family, attn, cac
 
 
 def test_full_positions_helper_is_consistent():
-    model = tiny_qwen_vl("2")
+    model = tiny_qwen2_vl()
     inputs = qwen_vl_inputs(model)
     assert full_positions(model, inputs).shape[0] == 3

@@ -5,11 +5,11 @@ import torch
 from helpers import alive_per_layer, capture_language_model_inputs, greedy_masked_no_cache, greedy_with_logits
 
 import vtprune
-from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen_vl
+from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen2_vl
 
 FAMILIES = {
     "llava": (lambda **kw: tiny_llava(text_layers=4, **kw), llava_inputs),
-    "qwen2_vl": (lambda **kw: tiny_qwen_vl("2", text_layers=4, **kw), qwen_vl_inputs),
+    "qwen2_vl": (lambda **kw: tiny_qwen2_vl(text_layers=4, **kw), qwen_vl_inputs),
 }
 METHODS = {
     "fastv": dict(method="fastv", layer=2, keep_ratio=0.3),

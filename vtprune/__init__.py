@@ -6,10 +6,15 @@ vtprune.unwrap(model)                                        # original behaviou
 """
 
 from .api import get_pruner, is_wrapped, unwrap, wrap
-from .config import PruneConfig, available_methods
+from .config import PruneConfig, VisualTokenConfig, available_methods
+from .errors import UsageError
+from .methods.dyvte import DyVTEConfig
 from .methods.fastervlm import FasterVLMConfig
-from .methods.random_prune import RandomConfig
-from .selection import SampleSelection
+from .methods.fastv import FastVConfig
+from .methods.random import RandomConfig
+from .methods.static_exit import StaticExitConfig
+from .registry import supported_model_types
+from .runtime.selection import SampleSelection
 
 __version__ = "0.1.0"
 
@@ -19,8 +24,14 @@ __all__ = [
     "get_pruner",
     "is_wrapped",
     "PruneConfig",
+    "VisualTokenConfig",
     "FasterVLMConfig",
     "RandomConfig",
+    "FastVConfig",
+    "StaticExitConfig",
+    "DyVTEConfig",
     "SampleSelection",
+    "UsageError",
     "available_methods",
+    "supported_model_types",
 ]

@@ -6,31 +6,26 @@ from typing import Any
 
 from torch import nn
 
-from .config import PruneConfig, config_class
-from .methods import _ensure_loaded
-from .pruner import Pruner
+from . import integrations, methods  # noqa: F401  (importing them registers every method and family)
+from .config import PruneConfig
+from .errors import UsageError, UsageTypeError
+from .runtime.pruner import Pruner
 
 __all__ = ["wrap", "unwrap", "get_pruner", "is_wrapped"]
 
 
 def _make_config(config_or_name: PruneConfig | str | dict, overrides: dict[str, Any]) -> PruneConfig:
-    _ensure_loaded()
     if isinstance(config_or_name, str):
-        cls = config_class(config_or_name)
-        names = set(cls.__dataclass_fields__)
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"method {config_or_name!r} has no option(s) {unknown}; valid: {sorted(names)}")
-        return cls(**overrides)
+        return PruneConfig.from_dict({"method": config_or_name, **overrides})
     if isinstance(config_or_name, dict):
         return PruneConfig.from_dict({**config_or_name, **overrides})
     if isinstance(config_or_name, PruneConfig):
         if type(config_or_name) is PruneConfig:
-            raise TypeError("PruneConfig is abstract; use a method's config (e.g. FasterVLMConfig)")
+            raise UsageTypeError("PruneConfig is abstract; use a method's config (e.g. FasterVLMConfig)")
         config = config_or_name.replace(**overrides) if overrides else config_or_name
         config.validate()  # catches fields mutated after construction
         return config
-    raise TypeError(
+    raise UsageTypeError(
         f"expected a method name, a config dict or a PruneConfig, got {type(config_or_name).__name__}"
     )
 
@@ -68,8 +63,8 @@ def is_wrapped(model: nn.Module) -> bool:
 
 
 def get_pruner(model: nn.Module) -> Pruner:
-    """The :class:`~vtprune.pruner.Pruner` of a wrapped model (config, last selection)."""
+    """The :class:`~vtprune.runtime.pruner.Pruner` of a wrapped model (config, last selection)."""
     pruner = model.__dict__.get("_vtprune")
     if not isinstance(pruner, Pruner):
-        raise ValueError("model is not wrapped by vtprune; call vtprune.wrap(model, ...) first")
+        raise UsageError("model is not wrapped by vtprune; call vtprune.wrap(model, ...) first")
     return pruner

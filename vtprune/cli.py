@@ -11,14 +11,12 @@ __all__ = ["main"]
 def _demo(args) -> int:
     import torch
 
-    from . import benchmark, get_pruner, unwrap, wrap
+    from . import get_pruner, speed, unwrap, wrap
 
     torch.manual_seed(0)
-    try:
-        from .toy import load_toy_benchmark, load_toy_model
-    except ImportError:
-        load_toy_model = None
-    if load_toy_model is not None and not args.random:
+    from .toy import load_toy_benchmark, load_toy_model
+
+    if not args.random:
         model, processor = load_toy_model()
         data = load_toy_benchmark("test").select(range(args.samples))
         from .toy import answer_questions, build_prompt
@@ -42,21 +40,21 @@ def _demo(args) -> int:
         )
     else:
         print("random mid-size LLaVA (576 visual tokens), random weights")
-        model = benchmark.mid_llava()
+        model = speed.mid_llava()
         from .testing import llava_inputs
 
         inputs = llava_inputs(model, text_lengths=(40,))
     settings = [{"method": "fastervlm", "keep_ratio": r} for r in args.ratios]
-    results = benchmark.prefill_speedups(model, inputs, settings, repeats=args.repeats)
+    results = speed.prefill_speedups(model, inputs, settings, repeats=args.repeats)
     print("\nprefill (vision encoder + LLM, batch 1), FasterVLM vs unpruned, one run:")
-    print(benchmark.format_table(results))
+    print(speed.format_table(results))
     return 0
 
 
 def _bench_prefill(args) -> int:
     import torch
 
-    from . import benchmark
+    from . import speed
     from .testing import llava_inputs
 
     torch.manual_seed(0)
@@ -64,9 +62,9 @@ def _bench_prefill(args) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.size == "7b":
-        model = benchmark.llava_7b_shaped(device=args.device, dtype=dtype)
+        model = speed.llava_7b_shaped(device=args.device, dtype=dtype)
     else:
-        model = benchmark.mid_llava(device=args.device, dtype=dtype)
+        model = speed.mid_llava(device=args.device, dtype=dtype)
     inputs = llava_inputs(model, text_lengths=(args.text_tokens,) * args.batch)
     inputs = {k: v.to(args.device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
@@ -80,19 +78,19 @@ def _bench_prefill(args) -> int:
             settings = [s | {"keep_ratio": r} for s in settings for r in args.ratios]
     else:
         settings = [{"method": args.method, "keep_ratio": r} for r in args.ratios]
-    results = benchmark.prefill_speedups(model, inputs, settings, repeats=args.repeats)
-    print(benchmark.format_table(results))
+    results = speed.prefill_speedups(model, inputs, settings, repeats=args.repeats)
+    print(speed.format_table(results))
     if args.decode_tokens:
         from . import unwrap, wrap
 
-        base = benchmark.time_generate(model, inputs, args.decode_tokens)
+        base = speed.time_generate(model, inputs, args.decode_tokens)
         print(
             f"\ngenerate {args.decode_tokens} tokens (prefill + decode), median of 3: unpruned {base * 1e3:.1f} ms"
         )
         for setting in settings:
             wrap(model, dict(setting))
             try:
-                t = benchmark.time_generate(model, inputs, args.decode_tokens)
+                t = speed.time_generate(model, inputs, args.decode_tokens)
             finally:
                 unwrap(model)
             print(f"  {setting}: {t * 1e3:.1f} ms, speed-up {base / t:.2f}x")
@@ -137,13 +135,13 @@ def _train_dyvte(args) -> int:
 
     import torch
 
-    from .dyvte_train import train_dyvte
+    from .tune.dyvte import train_dyvte
 
     torch.manual_seed(args.seed)
     if args.model != "toy":
         raise SystemExit(
             "train-dyvte builds its calibration set from the synthetic benchmark's train split, which only the "
-            "toy model reads; for other models call vtprune.dyvte_train.train_dyvte(model, batches) with "
+            "toy model reads; for other models call vtprune.tune.dyvte.train_dyvte(model, batches) with "
             "processor outputs of your calibration data"
         )
     from .toy import TOY_MODEL_DIR, build_prompt, load_toy_model

@@ -1,7 +1,9 @@
 """Validated, JSON-serialisable pruning configs.
 
-Every method has one config dataclass, registered under the method's name. ``PruneConfig.from_dict``
-dispatches on the ``"method"`` key, so a config written by ``to_json`` reads back as the same type.
+Every method has one config dataclass that names the method in its ``method`` class attribute; defining
+the class registers the name. ``PruneConfig.from_dict`` dispatches on the ``"method"`` key, so a config
+written by ``to_json`` reads back as the same type. ``to_dict`` carries a ``version``: a config written by a
+different config version is refused rather than silently misread.
 """
 
 from __future__ import annotations
@@ -11,68 +13,90 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-__all__ = ["PruneConfig", "VisualTokenConfig", "register_config", "config_class", "available_methods"]
+from .errors import UsageError, UsageTypeError
+
+__all__ = [
+    "PruneConfig",
+    "VisualTokenConfig",
+    "config_class",
+    "available_methods",
+    "check_int",
+    "check_ratio",
+    "check_number",
+]
 
 _CONFIGS: dict[str, type[PruneConfig]] = {}
 
 POSITION_MODES = ("auto", "contiguous", "original")
 
 
-def register_config(name: str):
-    """Class decorator: register a config dataclass under a method name (``"fastervlm"``, ...)."""
-
-    def deco(cls: type[PruneConfig]) -> type[PruneConfig]:
-        if name in _CONFIGS:
-            raise ValueError(f"method {name!r} is already registered by {_CONFIGS[name].__name__}")
-        cls.method = name
-        _CONFIGS[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_methods() -> None:
-    from .methods import _ensure_loaded  # methods import this module: load them lazily
-
-    _ensure_loaded()
-
-
 def available_methods() -> list[str]:
-    _load_methods()
     return sorted(_CONFIGS)
 
 
 def config_class(method: str) -> type[PruneConfig]:
-    _load_methods()
     try:
         return _CONFIGS[method]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"unknown pruning method {method!r}; available methods: {', '.join(available_methods())}"
         ) from None
 
 
+# ----------------------------------------------------------------------------- field checks (one idiom)
+def check_int(name: str, value: Any, *, minimum: int | None = None, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise UsageError(f"{name} must be an int{bound}{' or None' if optional else ''}, got {value!r}")
+
+
+def check_number(
+    name: str, value: Any, low: float, high: float, *, closed_low: bool, closed_high: bool
+) -> None:
+    """``value`` must be a real number (not a bool or a string) in the interval."""
+    interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"{name} must be a number in {interval}, got {value!r}")
+    ok_low = value >= low if closed_low else value > low
+    ok_high = value <= high if closed_high else value < high
+    if not (ok_low and ok_high):
+        raise UsageError(f"{name} must be in {interval}, got {value}")
+
+
+def check_ratio(name: str, value: Any) -> None:
+    """A fraction of tokens kept, in (0, 1]."""
+    check_number(name, value, 0.0, 1.0, closed_low=False, closed_high=True)
+
+
 @dataclasses.dataclass
 class PruneConfig:
-    """Base of all method configs. Subclasses are dataclasses registered with :func:`register_config`."""
+    """Base of all method configs. A subclass sets ``method = "<name>"`` and is a dataclass."""
 
     method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("method")
+        if name:
+            if name in _CONFIGS and _CONFIGS[name].__qualname__ != cls.__qualname__:
+                raise ValueError(f"method {name!r} is already registered by {_CONFIGS[name].__name__}")
+            _CONFIGS[name] = cls
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` with a message that says what to change."""
+        """Raise :class:`~vtprune.errors.UsageError` with a message that says what to change."""
 
     def replace(self, **overrides: Any) -> PruneConfig:
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no field(s) {unknown}; valid fields: {sorted(names)}")
+        _check_fields(type(self), overrides)
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **dataclasses.asdict(self)}
+        return {"method": self.method, "version": self.version, **dataclasses.asdict(self)}
 
     def to_json(self, path: str | Path | None = None, **json_kwargs: Any) -> str:
         text = json.dumps(self.to_dict(), **({"indent": 2} | json_kwargs))
@@ -86,17 +110,18 @@ class PruneConfig:
         method = data.pop("method", None)
         if method is None:
             if cls is PruneConfig:
-                raise ValueError("config dict needs a 'method' key, e.g. {'method': 'fastervlm', ...}")
+                raise UsageError("config dict needs a 'method' key, e.g. {'method': 'fastervlm', ...}")
             method = cls.method
         target = config_class(method)
         if cls is not PruneConfig and target is not cls:
-            raise ValueError(f"config dict is for method {method!r}, not {cls.method!r}")
-        names = {f.name for f in dataclasses.fields(target)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(
-                f"unknown field(s) {unknown} for method {method!r}; valid fields: {sorted(names)}"
+            raise UsageError(f"config dict is for method {method!r}, not {cls.method!r}")
+        version = data.pop("version", target.version)
+        if version != target.version:
+            raise UsageError(
+                f"this {method!r} config was written by config version {version}; this vtprune reads version "
+                f"{target.version}: rewrite it with the current fields"
             )
+        _check_fields(target, data)
         return target(**data)
 
     @classmethod
@@ -105,6 +130,16 @@ class PruneConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text_or_path).read_text()
         return cls.from_dict(json.loads(text))
+
+
+def _check_fields(cls: type[PruneConfig], data: dict[str, Any]) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UsageTypeError(
+            f"unknown field(s) {unknown}: method {cls.method!r} has no option(s) by that name; "
+            f"valid: {sorted(names)}"
+        )
 
 
 @dataclasses.dataclass
@@ -123,11 +158,6 @@ class VisualTokenConfig(PruneConfig):
     positions: str = "auto"
 
     def validate(self) -> None:
-        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
-        if not 0.0 < float(self.keep_ratio) <= 1.0:
-            raise ValueError(
-                f"keep_ratio must be in (0, 1] (fraction of visual tokens kept), got {self.keep_ratio}"
-            )
+        check_ratio("keep_ratio", self.keep_ratio)
         if self.positions not in POSITION_MODES:
-            raise ValueError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+            raise UsageError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")

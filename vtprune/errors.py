@@ -8,8 +8,16 @@ validation errors.
 
 from __future__ import annotations
 
-__all__ = ["UsageError"]
+__all__ = ["UsageError", "UsageTypeError", "UnsupportedError"]
 
 
 class UsageError(ValueError):
     """Bad input from the user; the message says what to do."""
+
+
+class UsageTypeError(UsageError, TypeError):
+    """The wrong kind of argument: an option the method does not have, an object that is not a model."""
+
+
+class UnsupportedError(UsageError, NotImplementedError):
+    """A model, input or setting vtprune cannot run (yet); the message says what is supported."""

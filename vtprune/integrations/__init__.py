@@ -1,7 +1,17 @@
-"""One module per model family. Each registers an :class:`Integration` for its ``config.model_type`` values."""
+"""One module per model family; each registers an :class:`Integration` for its ``config.model_type`` values.
+
+Importing this package imports every module in it (a new family is one new file).
+"""
 
 from __future__ import annotations
 
-from .base import Integration, get_integration, register_integration, supported_model_types
+import importlib
+import pkgutil
 
-__all__ = ["Integration", "get_integration", "register_integration", "supported_model_types"]
+from .base import Integration, TextDims
+from .towers import VisionTower
+
+__all__ = ["Integration", "TextDims", "VisionTower"]
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")

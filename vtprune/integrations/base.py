@@ -1,77 +1,71 @@
-"""What a model family must tell the pruning runtime, and the registry keyed by ``config.model_type``."""
+"""What a model family tells the runtime: layout facts only, never method policy.
+
+A family answers neutral questions: where the multimodal base model, language model and decoder layers
+are; which token id marks visual positions; which feature rows form one budget unit; which vision tower it
+has (:mod:`vtprune.integrations.towers`, shared by vision ``model_type``); the text model's dimensions for
+FLOPs; and which position-id modes its rotary embedding admits. Methods ask; families never read a method's
+fields.
+
+To add a family, write one module in this package with an ``Integration`` subclass decorated by
+:func:`vtprune.registry.register_family`; the package imports every module in it.
+"""
 
 from __future__ import annotations
 
-import importlib
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-__all__ = ["Integration", "register_integration", "get_integration", "supported_model_types"]
+from ..errors import UnsupportedError, UsageTypeError
+from .towers import VisionTower, get_tower
 
-_FAMILY_MODULES = ("llava", "qwen_vl")  # imported lazily; each registers its model types
-_REGISTRY: dict[str, type[Integration]] = {}
-
-
-def register_integration(cls: type[Integration]) -> type[Integration]:
-    for model_type in cls.model_types:
-        _REGISTRY[model_type] = cls
-    return cls
+__all__ = ["Integration", "TextDims"]
 
 
-def _load_all() -> None:
-    for name in _FAMILY_MODULES:
-        importlib.import_module(f"{__package__}.{name}")
+@dataclass(frozen=True)
+class TextDims:
+    """The language model's sizes, for FLOPs: hidden size, MLP width, gated (SwiGLU) MLP, layer count."""
 
-
-def supported_model_types() -> list[str]:
-    _load_all()
-    return sorted(_REGISTRY)
-
-
-def get_integration(model: nn.Module) -> Integration:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type is None:
-        raise TypeError(
-            f"vtprune.wrap expects a transformers model with a config, got {type(model).__name__}"
-        )
-    _load_all()
-    if model_type not in _REGISTRY:
-        raise NotImplementedError(
-            f"model_type {model_type!r} is not supported yet; supported: {', '.join(supported_model_types())}"
-        )
-    return _REGISTRY[model_type](model)
+    hidden: int
+    intermediate: int
+    gated: bool
+    num_layers: int
 
 
 class Integration:
-    """Family-specific facts. Subclasses set ``model_types`` and implement the probe hooks.
+    """Family facts. Subclasses set ``model_types`` and, where they differ, the class attributes below.
 
     Attributes:
-        default_positions: position mode used when a config says ``positions="auto"``.
+        model_types: the ``config.model_type`` values this family runs.
+        position_modes: position-id modes the family's rotary embedding admits for kept tokens.
+        default_positions: the mode ``positions="auto"`` means.
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    position_modes: ClassVar[tuple[str, ...]] = ("contiguous", "original")
     default_positions: ClassVar[str] = "contiguous"
 
     def __init__(self, model: nn.Module):
         self.model = model
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "language_model") or not hasattr(inner, "get_image_features"):
-            raise TypeError(
+            raise UsageTypeError(
                 f"{type(model).__name__} does not look like a transformers *ForConditionalGeneration model "
                 "(expected .model.language_model and .model.get_image_features); wrap the full VLM"
             )
+        self._tower: VisionTower | None = None
 
+    # ----------------------------------------------------------------------------------- where things are
     @property
-    def inner(self) -> nn.Module:
-        """The multimodal base model (``LlavaModel``, ``Qwen2VLModel``...)."""
+    def base_model(self) -> nn.Module:
+        """The multimodal base model (``LlavaModel``, ``Qwen2VLModel``...): ``get_image_features``, ``forward``."""
         return self.model.model
 
     @property
     def language_model(self) -> nn.Module:
-        return self.inner.language_model
+        return self.base_model.language_model
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
@@ -81,17 +75,32 @@ class Integration:
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
-    def check(self, config) -> None:
-        """Raise a clear error for settings this family cannot run."""
+    def vision_tower(self) -> VisionTower:
+        """The tower's layout facts (attention modules, [CLS] or not, token map), by vision model type."""
+        if self._tower is None:
+            self._tower = get_tower(self.model)
+        return self._tower
 
-    def probe_target(self, config, kind: str) -> tuple[nn.Module, str]:
-        """The vision attention module to probe for a method asking for ``kind`` (``"cls"``), and the
-        statistic actually recorded there (``"cls"`` or the CLS-free ``"received"``)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot score visual tokens by attention")
+    # --------------------------------------------------------------------------------------- layout facts
+    def budget_units(self, image_features: Any) -> list[torch.Tensor]:
+        """The ``(n, hidden)`` feature tensors of each budget unit, in placeholder order, from the
+        ``pooler_output`` of ``get_image_features``. Default: one unit per image feature tensor."""
+        units = list(image_features)
+        if units and units[0].ndim == 3:  # a (num_images, tokens, dim) tensor per entry
+            units = [f for batch in units for f in batch]
+        return units
 
-    def image_scores(
-        self, records: list[torch.Tensor], features: list[torch.Tensor], encode_args: dict[str, Any]
-    ) -> list[torch.Tensor]:
-        """Turn the probe's records into one score per visual token of each image (aligned with
-        ``features``, the per-image feature tensors ``get_image_features`` returned)."""
-        raise NotImplementedError
+    def text_dims(self) -> TextDims:
+        text = self.model.config.get_text_config()
+        mlp = self.decoder_layers[0].mlp
+        gated = hasattr(mlp, "gate_proj") or getattr(text, "hidden_act", "silu") in ("silu", "swiglu")
+        return TextDims(text.hidden_size, text.intermediate_size, gated, len(self.decoder_layers))
+
+    def resolve_positions(self, mode: str) -> str:
+        mode = self.default_positions if mode == "auto" else mode
+        if mode not in self.position_modes:
+            raise UnsupportedError(
+                f"positions={mode!r} is undefined for {self.model.config.model_type} (its rotary positions "
+                f"admit {self.position_modes}); use 'auto'"
+            )
+        return mode

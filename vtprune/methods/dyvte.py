@@ -5,7 +5,7 @@ Small hyper-networks (one per decoder layer) read the *text* tokens' state after
 text tokens that follow the image and the last token, concatenated - and decide whether the visual tokens
 have stopped contributing. At the first layer whose gate says "exit", every visual token of that sample
 leaves the LLM: later layers, and their KV caches, hold only text. The gates are trained on a calibration
-set (:mod:`vtprune.dyvte_train`): the label for (sample, layer) is 1 when removing the visual tokens after
+set (:mod:`vtprune.tune.dyvte`): the label for (sample, layer) is 1 when removing the visual tokens after
 that layer leaves the model's answer unchanged.
 
 Deviations from the authors' code, all deliberate: the decision is taken once, at prefill (their decode
@@ -23,16 +23,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PruneConfig, register_config
-from ..layers import LayerPlan
-from . import register_method
+from ..config import PruneConfig, check_int, check_number
+from ..errors import UsageError
+from ..registry import register_method
+from ..runtime.layer_drop import LayerPlan
+from ..runtime.parts import MethodParts
 
-__all__ = ["DyVTEConfig", "ExitGates", "text_state_features", "GATES_DIRNAME"]
+__all__ = ["DyVTEConfig", "ExitGates", "text_state_features", "gates_folder", "GATES_DIRNAME"]
 
 GATES_DIRNAME = "vtprune_dyvte"
 
 
-@register_config("dyvte")
 @dataclasses.dataclass
 class DyVTEConfig(PruneConfig):
     """Args:
@@ -42,15 +43,17 @@ class DyVTEConfig(PruneConfig):
     min_layer: earliest layer allowed to exit after (layers below always see the visual tokens).
     """
 
+    method = "dyvte"
+
     gates: str | None = None
     threshold: float = 0.5
     min_layer: int = 0
 
     def validate(self) -> None:
-        if not 0.0 < float(self.threshold) < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
-        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int) or self.min_layer < 0:
-            raise ValueError(f"min_layer must be an int >= 0, got {self.min_layer!r}")
+        if self.gates is not None and not isinstance(self.gates, (str, Path)):
+            raise UsageError(f"gates must be a folder path or None, got {self.gates!r}")
+        check_number("threshold", self.threshold, 0.0, 1.0, closed_low=False, closed_high=False)
+        check_int("min_layer", self.min_layer, minimum=0)
 
 
 class ExitGates(nn.Module):
@@ -122,7 +125,7 @@ def text_state_features(hidden: torch.Tensor, visual: torch.Tensor, real: torch.
 class DyVTEPlan(LayerPlan):
     def __init__(self, config: DyVTEConfig, num_layers: int, gates: ExitGates):
         if gates.num_layers != num_layers:
-            raise ValueError(
+            raise UsageError(
                 f"gates were trained for {gates.num_layers} decoder layers, the model has {num_layers}"
             )
         self.config, self.gates, self.num_layers = config, gates, num_layers
@@ -150,18 +153,20 @@ class DyVTEPlan(LayerPlan):
         return ~(visual & exits.to(visual.device)[:, None]), kept
 
 
-@register_method(DyVTEConfig, stage="layers")
-def make_plan(config: DyVTEConfig, num_layers: int, model=None) -> DyVTEPlan:
-    folder = config.gates
-    if folder is None:
-        source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-        if not source or not Path(source).is_dir():
-            raise ValueError(
-                "DyVTEConfig(gates=None) looks for gates beside the model, but this model was not loaded from a "
-                "local folder; pass gates=<folder saved by `vtprune train-dyvte`>"
-            )
-        folder = Path(source) / GATES_DIRNAME
-    gates = ExitGates.load(folder)
-    if model is not None:
-        gates = gates.to(device=model.device)
-    return DyVTEPlan(config, num_layers, gates)
+def gates_folder(model) -> Path:
+    """Where gates live beside a model loaded from a local folder (``<folder>/vtprune_dyvte``)."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not source or not Path(source).is_dir():
+        raise UsageError(
+            "DyVTE gates are looked up beside the model, but this model was not loaded from a local folder; "
+            "pass gates=<folder saved by `vtprune train-dyvte`> (or out=<folder> when training)"
+        )
+    return Path(source) / GATES_DIRNAME
+
+
+@register_method(DyVTEConfig)
+def _parts(config: DyVTEConfig, family) -> MethodParts:
+    model = family.model
+    folder = config.gates if config.gates is not None else gates_folder(model)
+    gates = ExitGates.load(folder).to(device=model.device)
+    return MethodParts(plan=DyVTEPlan(config, len(family.decoder_layers), gates))

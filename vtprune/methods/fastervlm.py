@@ -3,22 +3,24 @@
 Keep the visual tokens that the vision encoder's [CLS] token attends to most, before the LLM. The score of
 patch ``j`` is the [CLS]->patch attention at the encoder layer whose output the model uses as its image
 features (LLaVA-1.5: layer -2), averaged over heads; the top ``k`` patches of each image are kept in their
-original spatial order. Encoders without a [CLS] token (Qwen-VL's ViT) use a documented stand-in, the mean
-attention each merged token *receives* from all patches at the last full-attention layer
-(``probe="received"``), chosen by the integration.
+original spatial order. On towers without a [CLS] token (Qwen-VL's ViT) the documented stand-in is the
+mean attention each merged token *receives* from all patches at the tower's default layer (the last
+full-attention block): this choice is the method's, the family only says whether [CLS] exists.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-from ..config import VisualTokenConfig, register_config
-from . import register_method
+from ..config import VisualTokenConfig, check_int
+from ..registry import register_method
+from ..runtime.parts import MethodParts, VisionProbe
+from ..runtime.selection import keep_count
 
 __all__ = ["FasterVLMConfig"]
 
 
-@register_config("fastervlm")
 @dataclasses.dataclass
 class FasterVLMConfig(VisualTokenConfig):
     """Args:
@@ -29,20 +31,27 @@ class FasterVLMConfig(VisualTokenConfig):
         layer for Qwen-VL).
     """
 
+    method = "fastervlm"
+
     keep_ratio: float = 0.25
     vision_layer: int | None = None
 
     def validate(self) -> None:
         super().validate()
-        if self.vision_layer is not None and (
-            isinstance(self.vision_layer, bool) or not isinstance(self.vision_layer, int)
-        ):
-            raise ValueError(f"vision_layer must be an int or None, got {self.vision_layer!r}")
+        check_int("vision_layer", self.vision_layer, optional=True)
 
 
-@register_method(FasterVLMConfig, probe="cls")
-def make_scorer(config: FasterVLMConfig):
-    def scorer(probe_scores, sizes):
-        return probe_scores
+def _probe_scores(units):
+    return [unit.score for unit in units]
 
-    return scorer
+
+@register_method(FasterVLMConfig)
+def _parts(config: FasterVLMConfig, family) -> MethodParts:
+    tower = family.vision_tower()
+    statistic = "cls" if tower.has_cls else "received"
+    return MethodParts(
+        probe=VisionProbe(statistic, tower.resolve_layer(config.vision_layer)),
+        scorer=_probe_scores,
+        keep=functools.partial(keep_count, keep_ratio=config.keep_ratio),
+        positions=config.positions,
+    )

@@ -12,15 +12,16 @@ import dataclasses
 
 import torch
 
-from ..config import PruneConfig, register_config
-from ..layers import LayerPlan
-from ..selection import keep_count
-from . import register_method
+from ..config import PruneConfig, check_int, check_ratio
+from ..errors import UsageError
+from ..registry import register_method
+from ..runtime.layer_drop import LayerPlan
+from ..runtime.parts import MethodParts
+from ..runtime.selection import keep_count
 
 __all__ = ["FastVConfig"]
 
 
-@register_config("fastv")
 @dataclasses.dataclass
 class FastVConfig(PruneConfig):
     """Args:
@@ -28,24 +29,23 @@ class FastVConfig(PruneConfig):
     keep_ratio: fraction of each sample's visual tokens kept after layer ``K`` (FastV's ``1 - R``).
     """
 
+    method = "fastv"
+
     layer: int = 2
     keep_ratio: float = 0.5
 
     def validate(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(f"layer (FastV's K) must be an int >= 1, got {self.layer!r}")
-        if isinstance(self.keep_ratio, bool) or not isinstance(self.keep_ratio, (int, float)):
-            raise ValueError(f"keep_ratio must be a number in (0, 1], got {self.keep_ratio!r}")
-        if not 0.0 < float(self.keep_ratio) <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        check_int("layer (FastV's K)", self.layer, minimum=1)
+        check_ratio("keep_ratio", self.keep_ratio)
 
 
 class FastVPlan(LayerPlan):
     def __init__(self, config: FastVConfig, num_layers: int):
         if config.layer >= num_layers:
-            raise ValueError(f"FastV layer K={config.layer} must be below the {num_layers} decoder layers")
+            raise UsageError(f"FastV layer K={config.layer} must be below the {num_layers} decoder layers")
         self.config = config
         self.probe_layers = (config.layer - 1,)
+        self.probe_statistic = "last"
 
     def decide(self, layer, hidden, visual, real, attention, counts):
         if layer != self.config.layer - 1:
@@ -63,6 +63,6 @@ class FastVPlan(LayerPlan):
         return ~candidates | (rank < limit), kept
 
 
-@register_method(FastVConfig, stage="layers")
-def make_plan(config: FastVConfig, num_layers: int, model=None) -> FastVPlan:
-    return FastVPlan(config, num_layers)
+@register_method(FastVConfig)
+def _parts(config: FastVConfig, family) -> MethodParts:
+    return MethodParts(plan=FastVPlan(config, len(family.decoder_layers)))

@@ -8,33 +8,33 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..config import PruneConfig, register_config
-from ..layers import LayerPlan
-from . import register_method
+from ..config import PruneConfig, check_int
+from ..errors import UsageError
+from ..registry import register_method
+from ..runtime.layer_drop import LayerPlan
+from ..runtime.parts import MethodParts
 
 __all__ = ["StaticExitConfig"]
 
 
-@register_config("static_exit")
 @dataclasses.dataclass
 class StaticExitConfig(PruneConfig):
     """Args:
     layer: first decoder layer that no longer sees visual tokens (exit *after* layer ``layer - 1``).
     """
 
+    method = "static_exit"
+
     layer: int = 4
 
     def validate(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 1:
-            raise ValueError(
-                f"layer must be an int >= 1 (first layer without visual tokens), got {self.layer!r}"
-            )
+        check_int("layer (first layer without visual tokens)", self.layer, minimum=1)
 
 
 class StaticExitPlan(LayerPlan):
     def __init__(self, config: StaticExitConfig, num_layers: int):
         if config.layer >= num_layers:
-            raise ValueError(f"exit layer {config.layer} must be below the {num_layers} decoder layers")
+            raise UsageError(f"exit layer {config.layer} must be below the {num_layers} decoder layers")
         self.layer = config.layer
 
     def decide(self, layer, hidden, visual, real, attention, counts):
@@ -43,6 +43,6 @@ class StaticExitPlan(LayerPlan):
         return ~visual, [0] * len(counts)
 
 
-@register_method(StaticExitConfig, stage="layers")
-def make_plan(config: StaticExitConfig, num_layers: int, model=None) -> StaticExitPlan:
-    return StaticExitPlan(config, num_layers)
+@register_method(StaticExitConfig)
+def _parts(config: StaticExitConfig, family) -> MethodParts:
+    return MethodParts(plan=StaticExitPlan(config, len(family.decoder_layers)))

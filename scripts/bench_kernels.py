@@ -1,7 +1,7 @@
 """Time the fused Triton gathers of :mod:`vtprune.kernels` against their torch twins (needs CUDA).
 
-    python benchmarks/bench_kernels.py                 # bf16, B in {1, 8}, L in {600, 1440, 2880}
-    python benchmarks/bench_kernels.py --dtype float16 --reps 200
+    python scripts/bench_kernels.py                 # bf16, B in {1, 8}, L in {600, 1440, 2880}
+    python scripts/bench_kernels.py --dtype float16 --reps 200
 
 Cases: ``gather_tokens`` on hidden ``(B, L, 4096)`` with M-RoPE positions ``(3, B, L)`` and a long mask, and
 ``gather_kv`` on one layer's key and value ``(B, 32, L, 128)``, keeping K = 10 / 25 / 50 % of L (rows

@@ -1,106 +1,17 @@
-"""Tiny random-weight models of the real transformers classes, and matching inputs, for tests and benchmarks.
-
-Nothing here touches a hub: models are built from configs (``from_config`` semantics) with fixed seeds.
-"""
+"""Tiny Qwen2-VL and Qwen2.5-VL (window attention, one full-attention block)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_llava", "llava_inputs", "tiny_qwen_vl", "qwen_vl_inputs"]
+from . import BOS, PAD, TinyFamily, _left_pad, register_tiny
 
-IMAGE_TOKEN = 3
-PAD, BOS = 0, 1
-
-
-def tiny_llava(
-    *,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_hidden: int = 32,
-    vision_layers: int = 3,
-    text_hidden: int = 64,
-    text_layers: int = 2,
-    heads: int = 4,
-    vocab_size: int = 128,
-    intermediate: int | None = None,
-    attn_implementation: str = "sdpa",
-    seed: int = 0,
-):
-    """A ``LlavaForConditionalGeneration`` with a CLIP vision tower and a Llama text model."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=vision_hidden * 4,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        hidden_size=text_hidden,
-        intermediate_size=intermediate or text_hidden * 3,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
-        vocab_size=vocab_size,
-        max_position_embeddings=4096,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=2,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=PAD,
-    )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # fixed-length greedy runs in tests
-    return model
-
-
-def llava_inputs(model, text_lengths=(5, 9), seed: int = 0) -> dict:
-    """Left-padded batch: ``[bos, <image> * n, text...]`` per sample, one image each."""
-    cfg = model.config
-    vision = cfg.vision_config
-    num_patches = (vision.image_size // vision.patch_size) ** 2
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for n_text in text_lengths:
-        text = torch.randint(4, cfg.text_config.vocab_size, (n_text,), generator=g)
-        split = n_text // 2
-        rows.append(
-            torch.cat(
-                [torch.tensor([BOS]), text[:split], torch.full((num_patches,), IMAGE_TOKEN), text[split:]]
-            )
-        )
-    return _left_pad(rows) | {
-        "pixel_values": torch.randn(len(rows), 3, vision.image_size, vision.image_size, generator=g)
-    }
-
-
-def _left_pad(rows: list[torch.Tensor]) -> dict:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
+__all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "qwen_vl_inputs"]
 
 QWEN_IMAGE, QWEN_VSTART, QWEN_VEND = 5, 6, 7
 
 
-def tiny_qwen_vl(
+def _tiny_qwen_vl(
     version: str = "2", *, attn_implementation: str = "sdpa", seed: int = 0, text_layers: int = 2
 ):
     """A ``Qwen2VLForConditionalGeneration`` (``version="2"``) or Qwen2.5-VL (``"2.5"``) with tiny sizes."""
@@ -194,3 +105,15 @@ def qwen_vl_inputs(model, grids=((1, 8, 8), (1, 8, 12)), text_lengths=(4, 7), se
         "image_grid_thw": torch.tensor(grids),
         "mm_token_type_ids": mm_types,
     }
+
+
+def tiny_qwen2_vl(**kwargs):
+    return _tiny_qwen_vl("2", **kwargs)
+
+
+def tiny_qwen2_5_vl(**kwargs):
+    return _tiny_qwen_vl("2.5", **kwargs)
+
+
+register_tiny(TinyFamily("qwen2_vl", tiny_qwen2_vl, qwen_vl_inputs, contiguous=False))
+register_tiny(TinyFamily("qwen2_5_vl", tiny_qwen2_5_vl, qwen_vl_inputs, contiguous=False))

@@ -1,4 +1,4 @@
-"""Read one attention statistic out of an attention module without materialising eager attention maps.
+"""Read one registered attention statistic out of an attention module without materialising eager attention maps.
 
 The tagged attention module gets a private copy of its config whose ``_attn_implementation`` names a
 registered function (``"vtprune_probe"``). That function computes only what the method needs from the
@@ -17,10 +17,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..errors import UnsupportedError
+from .statistics import get_statistic
+
 __all__ = ["PROBE_IMPL", "AttentionProbe"]
 
 PROBE_IMPL = "vtprune_probe"
-_QUERY_CHUNK = 1024  # rows of the softmax materialised at once by the "received" statistic
 
 
 def _probe_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -43,28 +45,23 @@ def _register() -> None:
 
 
 class AttentionProbe:
-    """Records an attention statistic of one attention module.
+    """Records a registered attention statistic (:mod:`vtprune.runtime.statistics`) of one attention module.
 
     Args:
         module: the attention module to tag (e.g. ``CLIPAttention`` of layer -2, or a decoder layer's
             ``self_attn``).
-        kind: ``"cls"`` records the [CLS] query's attention to every patch, averaged over heads, as a
-            ``(batch, num_patches)`` tensor (the [CLS] column itself dropped). ``"received"`` records, for
-            each call, the attention every token *receives* averaged over heads and queries, as a
-            ``(batch, seq)`` tensor (Qwen-VL's ViT calls once per image). ``"last"`` records the last
-            query's attention to every key, averaged over heads, ``(batch, kv_len)`` (FastV's signal).
-
-    Recording happens only while ``active`` is True (the vision encoder: always; a decoder layer: at
-    prefill only).
+        statistic: name of a registered statistic; each call of the module appends its ``(batch, keys)``
+            result to ``records``.
+        active: recording happens only while True (the vision encoder: always; a decoder layer: at prefill
+            only).
     """
 
-    def __init__(self, module: nn.Module, kind: str, active: bool = True):
+    def __init__(self, module: nn.Module, statistic: str, active: bool = True):
         self.active = active
-        if kind not in ("cls", "received", "last"):
-            raise ValueError(f"unknown probe kind {kind!r}")
+        self.fn = get_statistic(statistic)
         _register()
         self.module = module
-        self.kind = kind
+        self.statistic = statistic
         self.records: list[torch.Tensor] = []
         self.inner_impl = getattr(module.config, "_attn_implementation", None) or "eager"
         self.inner = self._resolve_inner(module, self.inner_impl)
@@ -79,7 +76,7 @@ class AttentionProbe:
             # The module's own file defines the eager function it would have called.
             eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
             if eager is None:
-                raise NotImplementedError(
+                raise UnsupportedError(
                     f"{type(module).__name__} has no module-level eager_attention_forward; load the model with "
                     "attn_implementation='sdpa'"
                 )
@@ -101,28 +98,4 @@ class AttentionProbe:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if key.shape[1] != query.shape[1]:  # grouped KV heads
             key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        if self.kind in ("cls", "last"):
-            row = 0 if self.kind == "cls" else query.shape[2] - 1
-            logits = torch.matmul(query[:, :, row : row + 1].float(), key.float().transpose(-1, -2)) * scale
-            logits = _apply_mask(logits, attention_mask, rows=slice(row, row + 1))
-            weights = logits.softmax(-1).mean(dim=1)[:, 0]
-            self.records.append(weights[:, 1:] if self.kind == "cls" else weights)
-        else:
-            seq = query.shape[2]
-            received = torch.zeros(query.shape[0], query.shape[1], key.shape[2], device=query.device)
-            kt = key.float().transpose(-1, -2)
-            for start in range(0, seq, _QUERY_CHUNK):
-                rows = slice(start, min(start + _QUERY_CHUNK, seq))
-                logits = torch.matmul(query[:, :, rows].float(), kt) * scale
-                logits = _apply_mask(logits, attention_mask, rows=rows)
-                received += logits.softmax(-1).sum(dim=2)
-            self.records.append(received.mean(dim=1) / seq)
-
-
-def _apply_mask(logits: torch.Tensor, mask: torch.Tensor | None, rows: slice) -> torch.Tensor:
-    if mask is None:
-        return logits
-    mask = mask[..., rows, :] if mask.shape[-2] > 1 else mask
-    if mask.dtype == torch.bool:
-        return logits.masked_fill(~mask, float("-inf"))
-    return logits + mask.float()
+        self.records.append(self.fn(query, key, attention_mask, scale))

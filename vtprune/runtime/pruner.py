@@ -1,14 +1,18 @@
 """The runtime object ``vtprune.wrap`` attaches to a model: patches, per-call state, and what was kept.
 
-Three instance-level patches carry the whole mechanism (``unwrap`` removes them):
+It names no method and no family: the method's :class:`~vtprune.runtime.parts.MethodParts` say what runs,
+the family's :class:`~vtprune.integrations.Integration` says where things are. Three instance-level
+patches carry the whole mechanism (``unwrap`` removes them):
 
-* ``model.model.get_image_features``: after the vision encoder ran, attach each image's token scores to
-  its feature tensor (``feature._vtprune_score``), so they travel with features that ``generate()``
-  pre-encodes, expands for beams, or the caller passes back as ``mm_encoder_outputs``.
-* ``model.model.forward``: at prefill, encode images if needed, score and select the kept visual tokens.
-* ``model.model.language_model.forward``: at prefill, gather the kept tokens (embeddings, 2-D mask,
-  position ids) before the first decoder layer; afterwards translate the caller's original-coordinate
-  mask and positions to the shorter cache.
+* ``get_image_features`` of the multimodal base model: after the vision encoder ran, attach each budget
+  unit's token scores to its feature tensor (``feature._vtprune_score``), so they travel with features
+  that ``generate()`` pre-encodes, expands for beams, or the caller passes back as ``mm_encoder_outputs``.
+* the base model's ``forward``: at prefill, encode images if needed, score and select the kept visual
+  tokens (the method's scorer and keep rule).
+* the language model's ``forward``: at prefill, gather the kept tokens (embeddings, 2-D mask, position
+  ids) before the first decoder layer; afterwards translate the caller's original-coordinate mask and
+  positions to the shorter cache. The method's layer plan, if any, runs inside (each decoder layer is
+  patched too).
 
 ``model.create_masks_for_generate`` is also shadowed: for static caches ``generate()`` would otherwise
 build a 4-D mask in original coordinates, which cannot describe the compact cache.
@@ -24,14 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import PruneConfig
-from .integrations import get_integration
-from .layers import LayerEngine
-from .methods import get_method
+from ..config import PruneConfig
+from ..errors import UsageError
+from ..registry import get_family, method_parts
+from .compact import Prefix, cache_length, compact
+from .layer_drop import LayerEngine
+from .parts import VisualUnit
 from .patching import Patcher
 from .probe import AttentionProbe
 from .selection import SampleSelection, kept_visual_indices, select_visual_tokens
-from .sequence import Prefix, cache_length, compact
 
 __all__ = ["Pruner"]
 
@@ -69,22 +74,20 @@ class Pruner:
 
     Attributes:
         config: the validated method config.
-        last: per-sample :class:`~vtprune.selection.SampleSelection` of the latest pruned prefill.
-        engine: the :class:`~vtprune.layers.LayerEngine` of in-LLM methods (None otherwise).
+        family: the model's :class:`~vtprune.integrations.Integration`.
+        parts: what the method runs (:class:`~vtprune.runtime.parts.MethodParts`).
+        last: per-sample :class:`~vtprune.runtime.selection.SampleSelection` of the latest pruned prefill.
+        engine: the :class:`~vtprune.runtime.layer_drop.LayerEngine` when the method has a layer plan.
     """
 
     def __init__(self, model: nn.Module, config: PruneConfig):
         self.model = model
         self.config = config
-        self.integration = get_integration(model)
-        self.integration.check(config)
-        self.spec = get_method(config)
-        self.scorer = self.spec.make_scorer(config) if self.spec.stage == "pre" else None
+        self.family = get_family(model)
+        self.parts = method_parts(config, self.family)
         self.engine: LayerEngine | None = None
         self.text_probes: dict[int, AttentionProbe] = {}
-        positions = getattr(config, "positions", "auto")
-        positions = positions if positions != "auto" else self.integration.default_positions
-        self.contiguous = positions == "contiguous"
+        self.contiguous = self.family.resolve_positions(self.parts.positions) == "contiguous"
         self.probe: AttentionProbe | None = None
         self.patcher = Patcher()
         self._last: list[SampleSelection] | None = None
@@ -94,14 +97,14 @@ class Pruner:
 
     # ----------------------------------------------------------------------------------------- patches
     def attach(self) -> None:
-        integration = self.integration
-        inner, lm = integration.inner, integration.language_model
+        family, parts = self.family, self.parts
+        inner, lm = family.base_model, family.language_model
         try:
-            if self.spec.probe is not None:
-                module, kind = integration.probe_target(self.config, self.spec.probe)
-                self.probe = AttentionProbe(module, kind)
+            if parts.probe is not None:
+                module = family.vision_tower().attention_modules()[parts.probe.layer]
+                self.probe = AttentionProbe(module, parts.probe.statistic)
                 self.probe.attach(self.patcher)
-            if self.spec.stage == "layers":
+            if parts.plan is not None:
                 self._attach_layers()
             self._patch_method(inner, "get_image_features", self._get_image_features)
             self._patch_method(inner, "forward", self._multimodal_forward)
@@ -113,11 +116,11 @@ class Pruner:
             raise
 
     def _attach_layers(self) -> None:
-        layers = self.integration.decoder_layers
-        plan = self.spec.make_plan(self.config, len(layers), model=self.model)
-        self.engine = LayerEngine(plan, len(layers), self.integration.language_model.config)
+        layers = self.family.decoder_layers
+        plan = self.parts.plan
+        self.engine = LayerEngine(plan, len(layers), self.family.language_model.config)
         for idx in plan.probe_layers:
-            probe = AttentionProbe(layers[idx].self_attn, plan.probe_kind, active=False)
+            probe = AttentionProbe(layers[idx].self_attn, plan.probe_statistic, active=False)
             probe.attach(self.patcher)
             self.text_probes[idx] = probe
         self.engine.probes = self.text_probes
@@ -152,14 +155,15 @@ class Pruner:
         out = original(*args, **kwargs)
         features = getattr(out, "pooler_output", None)
         if self.probe is not None and features is not None:
+            units = self.family.budget_units(features)
             try:
-                scores = self.integration.image_scores(
-                    self.probe.records, list(features), _bind(original, args, kwargs)
+                scores = self.family.vision_tower().to_tokens(
+                    self.probe.records, units, _bind(original, args, kwargs)
                 )
             finally:
                 self.probe.clear()
-            for feature, score in zip(features, scores):
-                feature._vtprune_score = score
+            for unit, score in zip(units, scores):
+                unit._vtprune_score = score
         return out
 
     # ------------------------------------------------------------------------------ multimodal forward
@@ -175,10 +179,10 @@ class Pruner:
             )
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
-            raise ValueError(
+            raise UsageError(
                 "vtprune needs input_ids (with image placeholder tokens) to locate visual tokens"
             )
-        image_mask = input_ids == self.integration.image_token_id
+        image_mask = input_ids == self.family.image_token_id
         attention_mask = kwargs.get("attention_mask")
         real = (
             attention_mask.bool()
@@ -197,36 +201,32 @@ class Pruner:
 
         if mm.get("image") is None:
             # Encode here, as generate() does, so that both paths read scores from the features.
-            encode = self.integration.inner.get_image_features
+            encode = self.family.base_model.get_image_features
             params = inspect.signature(encode).parameters
             encode_kwargs = {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
             mm["image"] = encode(**encode_kwargs, return_dict=True)
             kwargs["pixel_values"] = None
             kwargs["mm_encoder_outputs"] = mm
 
-        features = list(mm["image"].pooler_output)
-        if features and features[0].ndim == 3:  # a (num_images, tokens, dim) tensor
-            features = [f for batch in features for f in batch]
+        features = self.family.budget_units(mm["image"].pooler_output)
         sizes = [f.shape[0] for f in features]
-        if self.scorer is not None:
-            probe_scores = None
-            if self.spec.probe is not None:
-                probe_scores = [getattr(f, "_vtprune_score", None) for f in features]
-                if any(s is None for s in probe_scores):
-                    raise ValueError(
-                        "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
-                        "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
-                    )
-            scores = self.scorer(probe_scores, sizes)
-            keep, kept_per_image = select_visual_tokens(
-                image_mask, scores, self.config.keep_ratio, sum(visual_in)
+        if sum(sizes) != sum(visual_in):
+            raise UsageError(
+                f"the prompt has {sum(visual_in)} image tokens but the image features have {sum(sizes)}; "
+                "the processor and the model disagree on the number of visual tokens per image"
             )
-            visual_kept = _per_sample(kept_per_image, sizes, visual_in)
-        else:  # in-LLM methods: the LLM input keeps every visual token
-            if sum(sizes) != sum(visual_in):
-                raise ValueError(
-                    f"the prompt has {sum(visual_in)} image tokens but the image features have {sum(sizes)}"
+        parts = self.parts
+        if parts.scorer is not None:
+            units = [VisualUnit(f, getattr(f, "_vtprune_score", None)) for f in features]
+            if parts.probe is not None and any(u.score is None for u in units):
+                raise UsageError(
+                    "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
+                    "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
                 )
+            kept = [parts.keep(n) for n in sizes]
+            keep = select_visual_tokens(image_mask, parts.scorer(units), kept, sum(visual_in))
+            visual_kept = _per_sample(kept, sizes, visual_in)
+        else:  # nothing is selected before the LLM
             keep = torch.ones_like(image_mask)
             visual_kept = list(visual_in)
         self._pending = _Pending(keep, image_mask, visual_in, real_in, visual_kept)
@@ -266,7 +266,7 @@ class Pruner:
             raise RuntimeError("expected inputs_embeds from the multimodal forward")
         attention_mask = kwargs.get("attention_mask")
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
-            raise ValueError("vtprune needs the 2-D padding mask at prefill (got a prepared 4-D/dict mask)")
+            raise UsageError("vtprune needs the 2-D padding mask at prefill (got a prepared 4-D/dict mask)")
         real_out = [r - v + k for r, v, k in zip(pending.real_in, pending.visual_in, pending.visual_kept)]
         packed = compact(
             embeds,
@@ -314,12 +314,12 @@ class Pruner:
 
     @property
     def last(self) -> list[SampleSelection] | None:
-        """Per-sample :class:`~vtprune.selection.SampleSelection` of the latest pruned prefill (built on first
+        """Per-sample :class:`~vtprune.runtime.selection.SampleSelection` of the latest pruned prefill (built on first
         access, so that the forward pass itself never waits for the GPU)."""
         if self._last is None and self._last_raw is not None:
             pending, index, real_out, layer_counts = self._last_raw
             kept_visual = kept_visual_indices(pending.keep, pending.image_mask)
-            n_layers = len(self.integration.decoder_layers)
+            n_layers = len(self.family.decoder_layers)
             per_layer = layer_counts.tolist() if layer_counts is not None else None
             self._last = [
                 SampleSelection(
@@ -348,7 +348,7 @@ def _per_sample(per_image: list[int], sizes: list[int], visual_in: list[int]) ->
             total += per_image[image]
             image += 1
         if covered != n:
-            raise ValueError(
+            raise UsageError(
                 "an image's visual tokens are split across samples; check the placeholder tokens"
             )
         out.append(total)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from .api import unwrap, wrap
-from .methods.dyvte import GATES_DIRNAME, ExitGates, text_state_features
+from ..api import unwrap, wrap
+from ..methods.dyvte import ExitGates, gates_folder, text_state_features
+from ..registry import get_family
 
 __all__ = ["ExitData", "collect_exit_data", "train_gates", "train_dyvte"]
 
@@ -46,10 +47,11 @@ def _same_answers(a: torch.Tensor, b: torch.Tensor, eos: set[int]) -> torch.Tens
 @torch.no_grad()
 def collect_exit_data(model, batches: Iterable[dict], max_new_tokens: int = 4) -> ExitData:
     """Features of the unpruned model and exit labels, for every sample of ``batches`` (processor outputs)."""
-    layers = len(model.model.language_model.layers)
+    family = get_family(model)
+    layers = len(family.decoder_layers)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    image_token = model.config.image_token_id
+    image_token = family.image_token_id
     all_feats, all_labels = [], []
     for inputs in batches:
         base = _greedy(model, inputs, max_new_tokens)
@@ -101,10 +103,7 @@ def train_dyvte(
 ) -> tuple[Path, dict]:
     """Collect labels, train the gates, save them (default: beside the model) with a JSON report."""
     if out is None:
-        source = getattr(model.config, "_name_or_path", "")
-        if not source or not Path(source).is_dir():
-            raise ValueError("the model was not loaded from a local folder: pass out=<folder for the gates>")
-        out = Path(source) / GATES_DIRNAME
+        out = gates_folder(model)
     start = time.process_time()
     data = collect_exit_data(model, batches, max_new_tokens)
     gates, report = train_gates(data, **train_kwargs)

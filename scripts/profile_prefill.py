@@ -1,6 +1,6 @@
 """Profile one prefill of the 7B-shaped LLaVA, unpruned vs a pruned setting (CUDA).
 
-PYTHONPATH=. python benchmarks/profile_prefill.py '{"method": "fastervlm", "keep_ratio": 0.25}'
+PYTHONPATH=. python scripts/profile_prefill.py '{"method": "fastervlm", "keep_ratio": 0.25}'
 """
 
 import json
@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import vtprune
-from vtprune.benchmark import llava_7b_shaped
+from vtprune.speed import llava_7b_shaped
 from vtprune.testing import llava_inputs
 
 

@@ -1,4 +1,5 @@
-"""Prefill speed-up of pruning, measured pruned vs unpruned in one run (ratios, not absolute times)."""
+"""Speed of pruning: prefill and generate timed pruned vs unpruned in one run (ratios, not absolute times),
+and the mid-size / 7B-shaped random LLaVA models they run on."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .api import get_pruner, unwrap, wrap
+from .registry import get_family
 
 __all__ = [
     "PrefillResult",
@@ -52,7 +54,7 @@ def prefill_speedups(model, inputs: dict, settings, repeats: int = 5) -> list[Pr
     """Time the unpruned model, then each setting (a config dict such as ``{"method": "fastervlm",
     "keep_ratio": 0.25}``), in one run. ``visual_tokens`` is the mean over decoder layers of the visual
     tokens a layer processes (equal to the kept count for methods that prune before the LLM)."""
-    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    n_visual = int((inputs["input_ids"][0] == get_family(model).image_token_id).sum())
     n_prompt = (
         int(inputs["attention_mask"][0].sum()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
     )
@@ -99,48 +101,24 @@ def mid_llava(device="cpu", dtype=torch.float32):
 def llava_7b_shaped(device="cuda", dtype=torch.bfloat16):
     """Random weights in LLaVA-1.5-7B's shapes: CLIP ViT-L/14 at 336px (576 visual tokens, 24 layers) and a
     32-layer 4096-d Llama. Built directly on ``device`` in ``dtype`` (no CPU copy of 7B parameters)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from .testing import tiny_llava
 
-    from .testing import BOS, IMAGE_TOKEN, PAD
-
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=11008,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=32,
-            vocab_size=32064,
-            max_position_embeddings=4096,
-            pad_token_id=PAD,
-            bos_token_id=BOS,
-            eos_token_id=2,
-        ),
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=PAD,
+    return tiny_llava(
+        image_size=336,
+        patch_size=14,
+        vision_hidden=1024,
+        vision_layers=24,
+        vision_heads=16,
+        projection_dim=768,
+        text_hidden=4096,
+        text_layers=32,
+        heads=32,
+        kv_heads=32,
+        vocab_size=32064,
+        intermediate=11008,
+        device=device,
+        dtype=dtype,
     )
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlavaForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def time_generate(model, inputs: dict, new_tokens: int, repeats: int = 3) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.gather import gather_tokens, keep_mask_to_index
+from ..kernels.gather import gather_tokens, keep_mask_to_index
 
 __all__ = ["Compacted", "Prefix", "compact", "cache_length"]
 

@@ -7,32 +7,39 @@ a generator seeded at wrap time, so a run is reproducible for a fixed input orde
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
-from ..config import VisualTokenConfig, register_config
-from . import register_method
+from ..config import VisualTokenConfig, check_int
+from ..registry import register_method
+from ..runtime.parts import MethodParts
+from ..runtime.selection import keep_count
 
 __all__ = ["RandomConfig"]
 
 
-@register_config("random")
 @dataclasses.dataclass
 class RandomConfig(VisualTokenConfig):
+    method = "random"
+
     keep_ratio: float = 0.25
     seed: int = 0
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
+        check_int("seed", self.seed)
 
 
-@register_method(RandomConfig, probe=None)
-def make_scorer(config: RandomConfig):
+@register_method(RandomConfig)
+def _parts(config: RandomConfig, family) -> MethodParts:
     generator = torch.Generator().manual_seed(config.seed)
 
-    def scorer(probe_scores, sizes):
-        return [torch.rand(n, generator=generator) for n in sizes]
+    def scorer(units):
+        return [torch.rand(unit.size, generator=generator) for unit in units]
 
-    return scorer
+    return MethodParts(
+        scorer=scorer,
+        keep=functools.partial(keep_count, keep_ratio=config.keep_ratio),
+        positions=config.positions,
+    )

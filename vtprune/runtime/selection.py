@@ -58,22 +58,21 @@ class SampleSelection:
 def select_visual_tokens(
     image_mask: torch.Tensor,
     scores: list[torch.Tensor],
-    keep_ratio: float,
+    kept: list[int],
     num_image_tokens: int | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """Keep the top ``keep_count(n_i)`` tokens of each image, without a host sync.
+) -> torch.Tensor:
+    """Keep the top ``kept[i]`` tokens of each image (budget unit), without a host sync.
 
     Args:
         image_mask: ``(batch, seq)`` bool, True at image placeholder tokens. Images are laid out in
             placeholder order over the flattened ``(batch, seq)``, as ``masked_scatter`` fills them.
         scores: one ``(n_i,)`` tensor per image, in that order.
-        keep_ratio: fraction kept per image.
+        kept: tokens kept per image (host ints, ``1 <= kept[i] <= n_i``).
         num_image_tokens: the number of placeholder tokens, when the caller knows it on the host; it is
             checked against the scores (otherwise read from the device, one sync).
 
     Returns:
-        keep: ``(batch, seq)`` bool, False only at pruned image tokens.
-        kept: tokens kept per image (host ints).
+        ``(batch, seq)`` bool keep mask, False only at pruned image tokens.
     """
     sizes = [int(s.numel()) for s in scores]
     if num_image_tokens is None:
@@ -83,11 +82,10 @@ def select_visual_tokens(
             f"the prompt has {num_image_tokens} image tokens but the image features have {sum(sizes)}; "
             "the processor and the model disagree on the number of visual tokens per image"
         )
-    kept = [keep_count(n, keep_ratio) for n in sizes]
     if not sizes:
-        return torch.ones_like(image_mask), kept
+        return torch.ones_like(image_mask)
     device = image_mask.device
-    if len(set(sizes)) == 1:  # one batched sort for equally sized images (LLaVA: always)
+    if len(set(sizes)) == 1 and len(set(kept)) == 1:  # one batched sort (LLaVA: always)
         stacked = torch.stack([s.to(device) for s in scores]).float()
         order = torch.sort(stacked, dim=-1, descending=True, stable=True).indices[:, : kept[0]]
         keep_img = torch.zeros_like(stacked, dtype=torch.bool).scatter_(1, order, True).reshape(-1)
@@ -100,8 +98,7 @@ def select_visual_tokens(
                 for s, n, k in zip(scores, sizes, kept)
             ]
         )
-    keep = image_mask.logical_not().masked_scatter(image_mask, keep_img)
-    return keep, kept
+    return image_mask.logical_not().masked_scatter(image_mask, keep_img)
 
 
 def kept_visual_indices(keep: torch.Tensor, image_mask: torch.Tensor) -> list[torch.Tensor]:

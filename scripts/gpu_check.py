@@ -1,13 +1,13 @@
 """GPU smoke check: pruned generate() on CUDA (Triton gathers in the path) equals the same on CPU.
 
-PYTHONPATH=. python benchmarks/gpu_check.py
+PYTHONPATH=. python scripts/gpu_check.py
 """
 
 import torch
 
 import vtprune
 from vtprune.kernels import gather as gather_mod
-from vtprune.testing import llava_inputs, qwen_vl_inputs, tiny_llava, tiny_qwen_vl
+from vtprune.testing import TINY_FAMILIES
 
 SETTINGS = [
     {"method": "fastervlm", "keep_ratio": 0.25},
@@ -45,13 +45,10 @@ def main():
 
     gather_mod._resolve_backend = counting
     failures = 0
-    for name, make, make_inputs in [
-        ("llava", lambda: tiny_llava(text_layers=4), llava_inputs),
-        ("qwen2_vl", lambda: tiny_qwen_vl("2", text_layers=4), qwen_vl_inputs),
-    ]:
+    for name, family in TINY_FAMILIES.items():
         for setting in SETTINGS:
-            model = make()
-            inputs = make_inputs(model)
+            model = family.build(text_layers=4)
+            inputs = family.inputs(model)
             cpu_seq, cpu_logits = run(model, inputs, setting, "cpu")
             gpu_seq, gpu_logits = run(model, inputs, setting, "cuda")
             same = torch.equal(cpu_seq, gpu_seq)

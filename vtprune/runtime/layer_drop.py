@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels.gather import gather_tokens, keep_mask_to_index
+from ..kernels.gather import gather_tokens, keep_mask_to_index
 
 __all__ = ["LayerPlan", "LayerEngine"]
 
@@ -32,10 +32,11 @@ class LayerPlan:
 
     Attributes:
         probe_layers: decoder layers whose attention the plan reads (the engine arms a probe on each).
+        probe_statistic: the registered statistic those probes record (:mod:`vtprune.runtime.statistics`).
     """
 
     probe_layers: tuple[int, ...] = ()
-    probe_kind: str = "last"
+    probe_statistic: str = "last"
 
     def reset(self) -> None:
         """Called at the start of every prefill."""

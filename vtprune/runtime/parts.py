@@ -1,0 +1,81 @@
+"""What a method contributes to the runtime: parts, run by the pruner in a fixed order when present.
+
+The pipeline of one prefill (:class:`~vtprune.runtime.pruner.Pruner`):
+
+1. **probe** - while the vision encoder runs, record a registered attention statistic at one tower layer;
+   the family maps it to one score per visual token of each budget unit.
+2. **scorer** + **keep** - before the LLM, score each budget unit's tokens and keep the top ``keep(n)`` of
+   them (a pre-LLM selection).
+3. **plan** - inside the LLM, a :class:`~vtprune.runtime.layer_drop.LayerPlan` may drop visual tokens
+   after any decoder layer.
+
+A method fills the parts it needs; a pre-LLM part and an in-LLM part compose with no new code (e.g.
+FasterVLM's selection followed by FastV's plan on the kept tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .layer_drop import LayerPlan
+
+__all__ = ["VisionProbe", "VisualUnit", "Scorer", "MethodParts"]
+
+
+@dataclass(frozen=True)
+class VisionProbe:
+    """Record ``statistic`` (a name registered in :mod:`vtprune.runtime.statistics`) at tower layer
+    ``layer`` (an index into the family's ``vision_tower().attention_modules()``)."""
+
+    statistic: str
+    layer: int
+
+
+@dataclass
+class VisualUnit:
+    """One budget unit (an image, or all tiles of one image) as the LLM will see it.
+
+    Attributes:
+        features: ``(n, hidden)`` its visual tokens, in prompt order.
+        score: ``(n,)`` the probe's statistic mapped to those tokens, or None without a probe.
+    """
+
+    features: torch.Tensor
+    score: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.features.shape[0])
+
+
+# scorer(units) -> one (n_i,) score per unit; higher is kept first.
+Scorer = Callable[[list[VisualUnit]], list[torch.Tensor]]
+
+
+@dataclass
+class MethodParts:
+    """The parts of one wrapped method. Every field is optional; a method sets the ones it uses.
+
+    Attributes:
+        probe: what the vision encoder must record for the scorer.
+        scorer: pre-LLM token scores per budget unit (requires ``keep``).
+        keep: ``keep(n) -> k``, tokens kept of a unit of ``n`` visual tokens.
+        plan: in-LLM dropping between decoder layers.
+        positions: ``"contiguous"``, ``"original"`` or ``"auto"`` (the family's default) for the position
+            ids of tokens kept before the LLM.
+    """
+
+    probe: VisionProbe | None = None
+    scorer: Scorer | None = None
+    keep: Callable[[int], int] | None = None
+    plan: LayerPlan | None = None
+    positions: str = "auto"
+
+    def __post_init__(self) -> None:
+        if (self.scorer is None) != (self.keep is None):
+            raise ValueError("a pre-LLM selection needs both a scorer and a keep rule")
+        if self.probe is not None and self.scorer is None:
+            raise ValueError("a vision probe is only read by a scorer")
