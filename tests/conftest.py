@@ -1,5 +1,9 @@
 import os
 import shutil
+import sys
+
+# Test modules in sub-folders import the shared references (helpers.py) from here.
+sys.path.insert(0, os.path.dirname(__file__))
 
 # Triton kernels run through the interpreter on machines without a GPU (CI, laptops).
 if shutil.which("nvidia-smi") is None:

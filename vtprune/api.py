@@ -30,12 +30,14 @@ def _make_config(config_or_name: PruneConfig | str | dict, overrides: dict[str, 
     )
 
 
-def wrap(model: nn.Module, config_or_name: PruneConfig | str | dict, **overrides: Any) -> nn.Module:
+def wrap(model: nn.Module, config_or_name: PruneConfig | str | dict | list, **overrides: Any) -> nn.Module:
     """Patch ``model`` in place to prune visual tokens, and return it.
 
     Args:
         model: a transformers VLM (``LlavaForConditionalGeneration``, ``Qwen2VLForConditionalGeneration``...).
-        config_or_name: a method config, its JSON dict, or a method name (``"fastervlm"``, ``"random"``).
+        config_or_name: a method config, its JSON dict, or a method name (``"fastervlm"``, ``"random"``);
+            or a list of them to compose one pre-LLM method with one in-LLM method, e.g.
+            ``[FasterVLMConfig(keep_ratio=0.5), FastVConfig(layer=2)]`` (overrides are then refused).
         **overrides: config fields, e.g. ``keep_ratio=0.1``.
 
     Example:
@@ -46,7 +48,14 @@ def wrap(model: nn.Module, config_or_name: PruneConfig | str | dict, **overrides
     """
     if is_wrapped(model):
         raise RuntimeError("model is already wrapped by vtprune; call vtprune.unwrap(model) first")
-    config = _make_config(config_or_name, overrides)
+    if isinstance(config_or_name, (list, tuple)):
+        if overrides or not config_or_name:
+            raise UsageError(
+                "pass a non-empty list of configs (or dicts) to compose, without keyword overrides"
+            )
+        config = tuple(_make_config(c, {}) for c in config_or_name)
+    else:
+        config = _make_config(config_or_name, overrides)
     Pruner(model, config).attach()
     return model
 

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UsageError
 from .layer_drop import LayerPlan
 
-__all__ = ["VisionProbe", "VisualUnit", "Scorer", "MethodParts"]
+__all__ = ["VisionProbe", "VisualUnit", "Scorer", "MethodParts", "compose"]
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,27 @@ class MethodParts:
             raise ValueError("a pre-LLM selection needs both a scorer and a keep rule")
         if self.probe is not None and self.scorer is None:
             raise ValueError("a vision probe is only read by a scorer")
+
+
+def compose(named_parts: list[tuple[str, MethodParts]]) -> MethodParts:
+    """One set of parts from several methods' parts, e.g. a pre-LLM selection followed by an in-LLM plan.
+
+    Each slot (the pre-LLM selection with its probe, the layer plan) may come from one method only.
+    """
+    if len(named_parts) == 1:
+        return named_parts[0][1]
+    selection = [(name, p) for name, p in named_parts if p.scorer is not None]
+    plans = [(name, p) for name, p in named_parts if p.plan is not None]
+    for slot, owners in (("select tokens before the LLM", selection), ("drop tokens inside the LLM", plans)):
+        if len(owners) > 1:
+            names = " and ".join(name for name, _ in owners)
+            raise UsageError(
+                f"cannot compose {names}: both {slot}; combine one pre-LLM and one in-LLM method"
+            )
+    merged = MethodParts()
+    if selection:
+        pre = selection[0][1]
+        merged = MethodParts(probe=pre.probe, scorer=pre.scorer, keep=pre.keep, positions=pre.positions)
+    if plans:
+        merged.plan = plans[0][1].plan
+    return merged

@@ -33,7 +33,7 @@ from ..errors import UsageError
 from ..registry import get_family, method_parts
 from .compact import Prefix, cache_length, compact
 from .layer_drop import LayerEngine
-from .parts import VisualUnit
+from .parts import VisualUnit, compose
 from .patching import Patcher
 from .probe import AttentionProbe
 from .selection import SampleSelection, kept_visual_indices, select_visual_tokens
@@ -73,18 +73,19 @@ class Pruner:
     """State and patches of one wrapped model. Reach it with :func:`vtprune.get_pruner`.
 
     Attributes:
-        config: the validated method config.
+        config: the validated method config (a tuple of configs when methods are composed).
         family: the model's :class:`~vtprune.integrations.Integration`.
         parts: what the method runs (:class:`~vtprune.runtime.parts.MethodParts`).
         last: per-sample :class:`~vtprune.runtime.selection.SampleSelection` of the latest pruned prefill.
         engine: the :class:`~vtprune.runtime.layer_drop.LayerEngine` when the method has a layer plan.
     """
 
-    def __init__(self, model: nn.Module, config: PruneConfig):
+    def __init__(self, model: nn.Module, config: PruneConfig | tuple[PruneConfig, ...]):
         self.model = model
-        self.config = config
+        self.config = config  # a tuple when methods are composed
         self.family = get_family(model)
-        self.parts = method_parts(config, self.family)
+        configs = config if isinstance(config, tuple) else (config,)
+        self.parts = compose([(c.method, method_parts(c, self.family)) for c in configs])
         self.engine: LayerEngine | None = None
         self.text_probes: dict[int, AttentionProbe] = {}
         self.contiguous = self.family.resolve_positions(self.parts.positions) == "contiguous"
