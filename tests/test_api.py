@@ -125,3 +125,15 @@ def test_keep_count_rounding_matches_paper_counts():
 
     assert [keep_count(576, r) for r in (0.25, 0.1, 0.05)] == [144, 58, 29]
     assert keep_count(3, 0.01) == 1
+
+
+def test_budget_modes_are_the_familys():
+    model = tiny_llava()
+    inputs = llava_inputs(model)
+    with pytest.raises(vtprune.UsageError, match=r"budget='tile' is not offered for llava.*'image'"):
+        vtprune.wrap(model, "fastervlm", budget="tile")
+    assert not vtprune.is_wrapped(model)
+    with torch.no_grad():
+        vtprune.wrap(model, "fastervlm", keep_ratio=0.5, budget="image")
+        model(**inputs)
+    assert [s.visual_out for s in vtprune.get_pruner(model).last] == [8, 8]

@@ -152,12 +152,17 @@ class VisualTokenConfig(PruneConfig):
             tokens had been in the prompt (what FasterVLM does in the LLaVA code base); ``"original"`` keeps
             each token's original position (needed for M-RoPE); ``"auto"`` takes the model family's default
             (contiguous for 1-D RoPE families, original for Qwen-VL's M-RoPE).
+        budget: what one keep budget covers: ``"image"`` (every family), or a finer unit a family offers
+            (tiles, crops); ``"auto"`` takes the family's default.
     """
 
     keep_ratio: float = 0.25
     positions: str = "auto"
+    budget: str = "auto"
 
     def validate(self) -> None:
         check_ratio("keep_ratio", self.keep_ratio)
         if self.positions not in POSITION_MODES:
             raise UsageError(f"positions must be one of {POSITION_MODES}, got {self.positions!r}")
+        if not isinstance(self.budget, str) or not self.budget:
+            raise UsageError(f"budget must be 'auto' or a budget mode name, got {self.budget!r}")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import UnsupportedError, UsageTypeError
+from ..errors import UnsupportedError, UsageError, UsageTypeError
 from .towers import VisionTower, get_tower
 
 __all__ = ["Integration", "TextDims"]
@@ -41,11 +41,13 @@ class Integration:
         model_types: the ``config.model_type`` values this family runs.
         position_modes: position-id modes the family's rotary embedding admits for kept tokens.
         default_positions: the mode ``positions="auto"`` means.
+        budget_modes: what one keep budget may cover; the first is the default (``budget="auto"``).
     """
 
     model_types: ClassVar[tuple[str, ...]] = ()
     position_modes: ClassVar[tuple[str, ...]] = ("contiguous", "original")
     default_positions: ClassVar[str] = "contiguous"
+    budget_modes: ClassVar[tuple[str, ...]] = ("image",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -90,6 +92,14 @@ class Integration:
             units = [f for batch in units for f in batch]
         return units
 
+    def token_groups(
+        self, units: list[torch.Tensor], encode_args: dict[str, Any], budget: str
+    ) -> list[torch.Tensor | None]:
+        """Per unit, None (one budget over the unit) or ``(n,)`` long budget groups, -1 for tokens that are
+        always kept (see :class:`~vtprune.runtime.parts.VisualUnit`). ``budget`` is a resolved budget mode.
+        Default: one group per unit."""
+        return [None] * len(units)
+
     def text_dims(self) -> TextDims:
         text = self.model.config.get_text_config()
         mlp = self.decoder_layers[0].mlp
@@ -102,5 +112,14 @@ class Integration:
             raise UnsupportedError(
                 f"positions={mode!r} is undefined for {self.model.config.model_type} (its rotary positions "
                 f"admit {self.position_modes}); use 'auto'"
+            )
+        return mode
+
+    def resolve_budget(self, mode: str) -> str:
+        mode = self.budget_modes[0] if mode == "auto" else mode
+        if mode not in self.budget_modes:
+            raise UsageError(
+                f"budget={mode!r} is not offered for {self.model.config.model_type} (it offers "
+                f"{self.budget_modes}); use 'auto'"
             )
         return mode

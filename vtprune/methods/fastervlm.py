@@ -54,4 +54,5 @@ def _parts(config: FasterVLMConfig, family) -> MethodParts:
         scorer=_probe_scores,
         keep=functools.partial(keep_count, keep_ratio=config.keep_ratio),
         positions=config.positions,
+        budget=config.budget,
     )

@@ -42,4 +42,5 @@ def _parts(config: RandomConfig, family) -> MethodParts:
         scorer=scorer,
         keep=functools.partial(keep_count, keep_ratio=config.keep_ratio),
         positions=config.positions,
+        budget=config.budget,
     )

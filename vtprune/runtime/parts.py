@@ -42,10 +42,14 @@ class VisualUnit:
     Attributes:
         features: ``(n, hidden)`` its visual tokens, in prompt order.
         score: ``(n,)`` the probe's statistic mapped to those tokens, or None without a probe.
+        groups: ``(n,)`` long, the budget group of each token (the keep rule applies per group: tiles,
+            crops), -1 for tokens that are always kept and not counted (layout tokens such as row
+            separators); None: the whole unit is one group.
     """
 
     features: torch.Tensor
     score: torch.Tensor | None = None
+    groups: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -67,6 +71,8 @@ class MethodParts:
         plan: in-LLM dropping between decoder layers.
         positions: ``"contiguous"``, ``"original"`` or ``"auto"`` (the family's default) for the position
             ids of tokens kept before the LLM.
+        budget: what one keep budget covers (``"image"``, or a family's finer unit such as ``"tile"``);
+            ``"auto"`` is the family's default.
     """
 
     probe: VisionProbe | None = None
@@ -74,6 +80,7 @@ class MethodParts:
     keep: Callable[[int], int] | None = None
     plan: LayerPlan | None = None
     positions: str = "auto"
+    budget: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.scorer is None) != (self.keep is None):
@@ -100,7 +107,9 @@ def compose(named_parts: list[tuple[str, MethodParts]]) -> MethodParts:
     merged = MethodParts()
     if selection:
         pre = selection[0][1]
-        merged = MethodParts(probe=pre.probe, scorer=pre.scorer, keep=pre.keep, positions=pre.positions)
+        merged = MethodParts(
+            probe=pre.probe, scorer=pre.scorer, keep=pre.keep, positions=pre.positions, budget=pre.budget
+        )
     if plans:
         merged.plan = plans[0][1].plan
     return merged

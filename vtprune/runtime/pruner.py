@@ -89,6 +89,7 @@ class Pruner:
         self.engine: LayerEngine | None = None
         self.text_probes: dict[int, AttentionProbe] = {}
         self.contiguous = self.family.resolve_positions(self.parts.positions) == "contiguous"
+        self.budget = self.family.resolve_budget(self.parts.budget)
         self.probe: AttentionProbe | None = None
         self.patcher = Patcher()
         self._last: list[SampleSelection] | None = None
@@ -155,16 +156,20 @@ class Pruner:
             self.probe.clear()
         out = original(*args, **kwargs)
         features = getattr(out, "pooler_output", None)
-        if self.probe is not None and features is not None:
-            units = self.family.budget_units(features)
+        if features is None or self.parts.scorer is None:
+            return out
+        units = self.family.budget_units(features)
+        encode_args = _bind(original, args, kwargs)
+        groups = self.family.token_groups(units, encode_args, self.budget)
+        scores = [None] * len(units)
+        if self.probe is not None:
             try:
-                scores = self.family.vision_tower().to_tokens(
-                    self.probe.records, units, _bind(original, args, kwargs)
-                )
+                scores = self.family.vision_tower().to_tokens(self.probe.records, units, encode_args)
             finally:
                 self.probe.clear()
-            for unit, score in zip(units, scores):
-                unit._vtprune_score = score
+        for unit, score, group in zip(units, scores, groups):
+            unit._vtprune_score = score
+            unit._vtprune_groups = group
         return out
 
     # ------------------------------------------------------------------------------ multimodal forward
@@ -218,14 +223,18 @@ class Pruner:
             )
         parts = self.parts
         if parts.scorer is not None:
-            units = [VisualUnit(f, getattr(f, "_vtprune_score", None)) for f in features]
+            units = [
+                VisualUnit(f, getattr(f, "_vtprune_score", None), getattr(f, "_vtprune_groups", None))
+                for f in features
+            ]
             if parts.probe is not None and any(u.score is None for u in units):
                 raise UsageError(
                     "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
                     "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
                 )
-            kept = [parts.keep(n) for n in sizes]
-            keep = select_visual_tokens(image_mask, parts.scorer(units), kept, sum(visual_in))
+            keep, kept = select_visual_tokens(
+                image_mask, parts.scorer(units), parts.keep, [u.groups for u in units], sum(visual_in)
+            )
             visual_kept = _per_sample(kept, sizes, visual_in)
         else:  # nothing is selected before the LLM
             keep = torch.ones_like(image_mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,21 +59,26 @@ class SampleSelection:
 def select_visual_tokens(
     image_mask: torch.Tensor,
     scores: list[torch.Tensor],
-    kept: list[int],
+    keep: Callable[[int], int],
+    groups: list[torch.Tensor | None] | None = None,
     num_image_tokens: int | None = None,
-) -> torch.Tensor:
-    """Keep the top ``kept[i]`` tokens of each image (budget unit), without a host sync.
+) -> tuple[torch.Tensor, list[int]]:
+    """Keep the top ``keep(n)`` tokens of each image (or of each budget group of it), without a host sync
+    when no image has groups.
 
     Args:
         image_mask: ``(batch, seq)`` bool, True at image placeholder tokens. Images are laid out in
             placeholder order over the flattened ``(batch, seq)``, as ``masked_scatter`` fills them.
-        scores: one ``(n_i,)`` tensor per image, in that order.
-        kept: tokens kept per image (host ints, ``1 <= kept[i] <= n_i``).
+        scores: one ``(n_i,)`` tensor per image (budget unit), in that order; higher is kept first.
+        keep: tokens kept out of ``n`` (``1 <= keep(n) <= n``).
+        groups: per image, None (one group) or a ``(n_i,)`` long tensor of budget groups; the rule applies to
+            each group ``>= 0`` separately and tokens of group -1 are always kept (and not counted).
         num_image_tokens: the number of placeholder tokens, when the caller knows it on the host; it is
             checked against the scores (otherwise read from the device, one sync).
 
     Returns:
-        ``(batch, seq)`` bool keep mask, False only at pruned image tokens.
+        keep mask: ``(batch, seq)`` bool, False only at pruned image tokens.
+        kept: visual tokens kept per image (host ints, pinned tokens included).
     """
     sizes = [int(s.numel()) for s in scores]
     if num_image_tokens is None:
@@ -83,22 +89,35 @@ def select_visual_tokens(
             "the processor and the model disagree on the number of visual tokens per image"
         )
     if not sizes:
-        return torch.ones_like(image_mask)
+        return torch.ones_like(image_mask), []
+    groups = groups or [None] * len(sizes)
     device = image_mask.device
-    if len(set(sizes)) == 1 and len(set(kept)) == 1:  # one batched sort (LLaVA: always)
+    kept = [keep(n) for n in sizes]
+    if all(g is None for g in groups) and len(set(sizes)) == 1:  # one batched sort (LLaVA: always)
         stacked = torch.stack([s.to(device) for s in scores]).float()
         order = torch.sort(stacked, dim=-1, descending=True, stable=True).indices[:, : kept[0]]
         keep_img = torch.zeros_like(stacked, dtype=torch.bool).scatter_(1, order, True).reshape(-1)
     else:
-        keep_img = torch.cat(
-            [
-                torch.zeros(n, dtype=torch.bool, device=device).scatter_(
-                    0, top_k_indices(s.to(device), k), True
-                )
-                for s, n, k in zip(scores, sizes, kept)
-            ]
-        )
-    return image_mask.logical_not().masked_scatter(image_mask, keep_img)
+        masks = []
+        for i, (s, n, g) in enumerate(zip(scores, sizes, groups)):
+            if g is None:
+                index = top_k_indices(s.to(device), kept[i])
+                masks.append(torch.zeros(n, dtype=torch.bool, device=device).scatter_(0, index, True))
+                continue
+            masks.append(_select_groups(s, g, keep).to(device))
+            kept[i] = int(masks[-1].sum())
+        keep_img = torch.cat(masks).to(device)
+    return image_mask.logical_not().masked_scatter(image_mask, keep_img), kept
+
+
+def _select_groups(scores: torch.Tensor, groups: torch.Tensor, keep: Callable[[int], int]) -> torch.Tensor:
+    """``(n,)`` bool: the top ``keep(n_g)`` of each group ``g >= 0``, and every token of group -1."""
+    groups = groups.to(scores.device)
+    mask = groups < 0
+    for g in torch.unique(groups[groups >= 0]).tolist():
+        members = (groups == g).nonzero().squeeze(-1)
+        mask[members[top_k_indices(scores[members], keep(members.numel()))]] = True
+    return mask
 
 
 def kept_visual_indices(keep: torch.Tensor, image_mask: torch.Tensor) -> list[torch.Tensor]:
