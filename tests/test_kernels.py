@@ -515,3 +515,16 @@ def test_triton_missing(monkeypatch):
     monkeypatch.setenv("VTPRUNE_FORCE_TRITON", "1")
     with pytest.raises(ImportError, match=r"pip install vtprune\[triton\]"):
         gather_tokens(hidden, index)
+
+
+def test_take_columns_and_rows_follow_the_index_convention():
+    from vtprune.kernels import take_columns, take_rows
+
+    index = torch.tensor([[0, 2, 3], [-1, -1, 1]])
+    ids = torch.arange(8).view(2, 4)
+    assert take_columns(ids, index, -7).tolist() == [[0, 2, 3], [-7, -7, 5]]
+    mrope = torch.arange(24).view(3, 2, 4)
+    out = take_columns(mrope, index, 0)
+    assert out.shape == (3, 2, 3) and out[2].tolist() == [[16, 18, 19], [0, 0, 21]]
+    rows = torch.arange(16.0).view(2, 4, 2)
+    assert take_rows(rows, index).tolist() == [[[0, 1], [4, 5], [6, 7]], [[0, 0], [0, 0], [10, 11]]]

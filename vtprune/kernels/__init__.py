@@ -10,6 +10,8 @@ from .gather import (
     gather_tokens,
     gather_tokens_torch,
     keep_mask_to_index,
+    take_columns,
+    take_rows,
 )
 
 __all__ = [
@@ -19,4 +21,6 @@ __all__ = [
     "gather_tokens_torch",
     "gather_kv",
     "gather_kv_torch",
+    "take_columns",
+    "take_rows",
 ]

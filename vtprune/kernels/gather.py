@@ -32,6 +32,8 @@ __all__ = [
     "gather_tokens_torch",
     "gather_kv",
     "gather_kv_torch",
+    "take_columns",
+    "take_rows",
 ]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -294,3 +296,27 @@ def gather_kv(
     if _resolve_backend(backend, (key, value)) == "torch":
         return gather_kv_torch(key, value, index)
     return _triton_module().gather_kv_triton(key, value, index)
+
+
+# --------------------------------------------------------------------------------------------------------
+# small per-layer gathers (torch only: a few columns of ids / masks, or rotary tables)
+# --------------------------------------------------------------------------------------------------------
+
+
+def take_columns(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
+    """``x[..., b, index[b, j]]``: gather along the last dim, ``fill`` where ``index`` is -1.
+
+    Args:
+        x: ``(..., B, L)`` (e.g. M-RoPE position ids ``(3, B, L)``, a bool mask ``(B, L)``).
+        index: ``(B, K)`` long, the index convention of this module.
+    """
+    safe = index.clamp(min=0)
+    out = torch.gather(x, -1, safe.expand(*x.shape[:-2], *safe.shape))
+    return out.masked_fill(index < 0, fill)
+
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, j], :]`` for ``x`` of shape ``(B, L, D)`` (e.g. rotary cos/sin); zeros where -1."""
+    safe = index.clamp(min=0)
+    out = torch.gather(x, 1, safe[..., None].expand(*safe.shape, x.shape[-1]))
+    return out.masked_fill((index < 0)[..., None], 0)

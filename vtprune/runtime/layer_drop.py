@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels.gather import gather_tokens, keep_mask_to_index
+from ..kernels.gather import gather_tokens, keep_mask_to_index, take_columns, take_rows
 
 __all__ = ["LayerPlan", "LayerEngine"]
 
@@ -185,22 +185,22 @@ class LayerEngine:
         base_visual = cur.visual if cur is not None else self.visual
         pe = kwargs.get("position_embeddings")
         hidden, _, mask2d = gather_tokens(out, index_in_cur, None, base_mask, check=False)
-        visual = _take(base_visual, index_in_cur, False)
+        visual = take_columns(base_visual, index_in_cur, False)
         index = (
-            _take(base_index, index_in_cur, -1)
+            take_columns(base_index, index_in_cur, -1)
             if base_index is not None
-            else _take(
+            else take_columns(
                 torch.arange(out.shape[1], device=out.device).expand(out.shape[0], -1), index_in_cur, -1
             )
         )
         new = _Current(index=index, mask2d=mask2d, visual=visual)
         if pe is not None:
             new.position_embeddings = tuple(
-                _take_rows(t.expand(out.shape[0], *t.shape[1:]), index_in_cur) for t in pe
+                take_rows(t.expand(out.shape[0], *t.shape[1:]), index_in_cur) for t in pe
             )
         pos = kwargs.get("position_ids")
         if pos is not None:
-            new.position_ids = _take(
+            new.position_ids = take_columns(
                 pos.expand(*pos.shape[:-2], out.shape[0], pos.shape[-1]), index_in_cur, 0
             )
         new.mask4d = self._mask(hidden, mask2d, kwargs.get("cache"), layer + 1)
@@ -245,17 +245,3 @@ class LayerEngine:
     def visual_counts(self) -> torch.Tensor:
         """``(batch, num_layers)`` visual tokens each layer processed in the last prefill."""
         return torch.stack(self.counts, dim=-1) if self.counts else torch.zeros(0)
-
-
-def _take(x: torch.Tensor, index: torch.Tensor, fill) -> torch.Tensor:
-    """``x[..., b, index[b, j]]`` along the last dim, ``fill`` where index is -1."""
-    safe = index.clamp(min=0)
-    out = torch.gather(x, -1, safe.expand(*x.shape[:-2], *safe.shape))
-    return out.masked_fill(index < 0, fill)
-
-
-def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x[b, index[b, j], :]`` for ``x`` of shape ``(batch, seq, dim)``; zeros where index is -1."""
-    safe = index.clamp(min=0)
-    out = torch.gather(x, 1, safe[..., None].expand(*safe.shape, x.shape[-1]))
-    return out.masked_fill((index < 0)[..., None], 0)

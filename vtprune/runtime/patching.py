@@ -26,6 +26,3 @@ class Patcher:
                 obj.__dict__.pop(name, None)
             else:
                 obj.__dict__[name] = old
-
-    def __len__(self) -> int:
-        return len(self._undo)
