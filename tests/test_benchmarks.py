@@ -19,6 +19,7 @@ from vtprune.eval.benchmarks import (
     get_benchmark,
     list_benchmarks,
 )
+from vtprune.eval.benchmarks import synthetic as synthetic_module
 
 HUB = Path(__file__).parent / "fixtures" / "hub"
 SOURCES = {
@@ -235,11 +236,11 @@ def test_synthetic_first_word_and_default_folder(loaded, monkeypatch, tmp_path):
     assert samples[0].prompt == "what color is the circle ?" and samples[0].target == "red"
     out = bench.evaluate(samples, ["Red.", "square", "two", "bottom-right"])
     assert out["exact_match"] == 0.75 and out["by_type"]["count"] == 0.0
-    monkeypatch.setattr(B, "SYNTHETIC_DIR", tmp_path / "missing")
+    monkeypatch.setattr(synthetic_module, "SYNTHETIC_DIR", tmp_path / "missing")
     with pytest.raises(BenchmarkLoadError, match="python -m vtprune.toy.synthetic"):
         get_benchmark("synthetic").load()
     shutil.copytree(HUB / SOURCES["synthetic"], tmp_path / "shipped")
-    monkeypatch.setattr(B, "SYNTHETIC_DIR", tmp_path / "shipped")
+    monkeypatch.setattr(synthetic_module, "SYNTHETIC_DIR", tmp_path / "shipped")
     assert len(get_benchmark("synthetic").load(limit=2)) == 2
 
 
@@ -383,3 +384,26 @@ def test_through_the_harness(loaded, tmp_path):
     assert rows["pope"]["f1"] == 1.0 and rows["mmbench_en"]["accuracy"] == 1.0
     saved = json.loads((tmp_path / "run.json").read_text())
     assert saved["benchmarks"]["mme"]["loaded"]["samples"] == 8
+
+
+def test_package_layout_and_reentrant_loading():
+    """One module per benchmark under vtprune.eval.benchmarks (issue 9); loading keeps no state between rows
+    (MME numbered an image's questions in an attribute that ``make_sample`` mutated)."""
+    import importlib
+
+    from vtprune.errors import UsageError
+
+    for module in ("base", "vqav2", "textvqa", "gqa", "pope", "mme", "scienceqa", "mmbench", "synthetic"):
+        importlib.import_module(f"vtprune.eval.benchmarks.{module}")
+    assert B.Benchmark.__module__ == "vtprune.eval.benchmarks.base"
+    assert B.MME.__module__ == "vtprune.eval.benchmarks.mme"
+    assert all(issubclass(e, UsageError) for e in (SchemaError, BenchmarkLoadError, UnknownBenchmarkError))
+    bench = get_benchmark("mme")
+    first = bench.load(source=HUB / SOURCES["mme"])
+    assert set(vars(bench)) == {"source", "loaded"}  # nothing left from the load itself
+    again = bench.load(source=HUB / SOURCES["mme"], limit=3)
+    assert [s.id for s in again] == [s.id for s in first[:3]]
+    row = {"question_id": "x.jpg", "question": "Is it red? Please answer yes or no.", "answer": "Yes"}
+    sample = get_benchmark("mme").make_sample(row | {"category": "color"}, 0, [])  # no load() first
+    assert sample.id == "x.jpg#0" and sample.prompt == "Is it red?" + SHORT
+    assert get_benchmark("mme").make_sample(row | {"category": "color"}, 1, [], occurrence=1).id == "x.jpg#1"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from vtprune.cli import main
-from vtprune.selection import keep_count
+from vtprune.runtime.selection import keep_count
 from vtprune.toy.synthetic import IMAGE_SIZE, PATCH_SIZE
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hub"
@@ -55,7 +55,9 @@ def test_bad_setting_is_a_clear_cli_error(tmp_path, capsys):
             ["eval", "--benchmarks", "synthetic", "--methods", "static_exit:layer=0", "--out", str(tmp_path)]
         )
     assert exit_info.value.code == 2
-    assert "layer must be an int >= 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "static_exit:layer=0" in err and "layer" in err and "must be an int >= 1" in err
+    assert len(err.strip().splitlines()) == 1  # one line, no traceback
 
 
 def test_demo_on_the_shipped_toy_model(capsys):

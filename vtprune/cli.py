@@ -100,32 +100,41 @@ def _bench_prefill(args) -> int:
 def _eval(args) -> int:
     from pathlib import Path
 
+    from .errors import UsageError
     from .eval.benchmarks import get_benchmark
     from .eval.harness import EvalRun, parse_settings, run_eval
-    from .eval.models import Answerer, load_model
+    from .eval.models import Answerer, load_model, resolve_device, resolve_dtype
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # checked first: before an hour of loading and running
+        raise UsageError(f"--out {args.out!r} is a file; pass a folder (created if missing)")
+    resolve_device(args.device)
+    resolve_dtype(args.dtype)
     settings = parse_settings(args.methods)
     benchmarks = {}
     for spec in args.benchmarks:
         name, _, source = spec.partition("=")
         bench = get_benchmark(name)
+        if bench.name in benchmarks:
+            raise UsageError(f"--benchmarks: {bench.name!r} is given twice; evaluate one source per run")
         samples = bench.load(source=source or None, limit=args.limit)
-        benchmarks[name] = (bench, samples)
+        benchmarks[bench.name] = (bench, samples)
     model, processor, prompt_fn = load_model(args.model, device=args.device, dtype=args.dtype)
     run = EvalRun(
         model=model,
         answer=Answerer(processor, prompt_fn, device=args.device),
         benchmarks=benchmarks,
         settings=settings,
-        out=Path(args.out),
+        out=out,
         batch_size=args.batch_size,
         warmup=args.warmup,
         meta={"model": args.model, "device": args.device, "dtype": args.dtype, "limit": args.limit},
     )
-    rows = run_eval(run)
-    if rows:
-        print((Path(args.out) / "summary.md").read_text())
-        print(f"wrote {args.out}/summary.md, summary.csv, pareto.png and per-sample JSONL")
+    summary = run_eval(run)
+    if summary.files:  # rank 0 (the others have nothing to say)
+        print((out / "summary.md").read_text())
+        written = ", ".join(f"{out / f}" for f in summary.files)
+        print(f"wrote {written} and per-sample JSONL under {out}/<benchmark>/")
     return 0
 
 
@@ -220,12 +229,21 @@ def main(argv: list[str] | None = None) -> int:
         default=["none", "fastervlm:keep_ratio=0.5,0.25,0.1", "random:keep_ratio=0.25"],
         help="settings: none | METHOD[:key=v1,v2[:key=...]] | JSON object | config.json",
     )
-    ev.add_argument("--limit", type=int, default=None, help="first N samples of each benchmark")
-    ev.add_argument("--batch-size", type=int, default=8)
-    ev.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per setting")
-    ev.add_argument("--out", default="runs/eval")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default="auto")
+    from .eval.options import DTYPES, non_negative_int, positive_int
+
+    ev.add_argument(
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="first N samples of each benchmark (a rerun reuses rows by sample id and reports only these N)",
+    )
+    ev.add_argument("--batch-size", type=positive_int, default=8)
+    ev.add_argument("--warmup", type=non_negative_int, default=1, help="untimed warm-up batches per setting")
+    ev.add_argument(
+        "--out", default="runs/eval", help="results folder; a rerun resumes it (same model and settings only)"
+    )
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1... (checked before loading)")
+    ev.add_argument("--dtype", default="auto", choices=DTYPES)
     ev.set_defaults(func=_eval)
 
     dy = sub.add_parser(
@@ -243,10 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     dy.set_defaults(func=_train_dyvte)
 
     args = parser.parse_args(argv)
+    from .errors import UsageError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # bad input: the message says what to do, no traceback
-        parser.exit(2, f"vtprune {args.command}: error: {err}\n")
+    except UsageError as err:  # bad input: one line saying what to do; anything else is a bug: traceback
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        parser.exit(2, f"vtprune {args.command}: error: {message}\n")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["run_eval", "EvalRun", "parse_settings", "get_benchmark", "load_model", "Answerer"]
+__all__ = ["run_eval", "EvalRun", "EvalSummary", "parse_settings", "get_benchmark", "load_model", "Answerer"]
 
 _LAZY = {
     "run_eval": "harness",
     "EvalRun": "harness",
+    "EvalSummary": "harness",
     "parse_settings": "harness",
     "get_benchmark": "benchmarks",
     "load_model": "models",

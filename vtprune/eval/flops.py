@@ -3,12 +3,13 @@
 Convention (FastV, Chen et al. 2024, counting multiply-accumulates): a decoder layer over ``n`` tokens with
 hidden size ``d`` and MLP width ``m`` costs ``4 n d^2 + 2 n^2 d + 2 n d m``; for gated (SwiGLU) MLPs, as in
 Llama and Qwen, the MLP term is ``3 n d m``. The vision encoder and the LM head are not counted, so ratios
-isolate the language model, where visual-token pruning acts.
+isolate the language model, where visual-token pruning acts. The dimensions come from the family
+(:meth:`vtprune.integrations.Integration.text_dims`).
 """
 
 from __future__ import annotations
 
-__all__ = ["FLOPS_CONVENTION", "layer_flops", "prefill_flops", "text_config_dims"]
+__all__ = ["FLOPS_CONVENTION", "layer_flops", "prefill_flops"]
 
 FLOPS_CONVENTION = "FastV MACs per layer: 4nd^2 + 2n^2d + k*n*d*m (k=3 for SwiGLU MLPs, 2 otherwise)"
 
@@ -20,12 +21,3 @@ def layer_flops(n: int, d: int, m: int, gated: bool = True) -> float:
 def prefill_flops(text_tokens: int, layer_visual: list[int], d: int, m: int, gated: bool = True) -> float:
     """Sum over layers; layer ``l`` processes ``text_tokens + layer_visual[l]`` tokens."""
     return float(sum(layer_flops(text_tokens + v, d, m, gated) for v in layer_visual))
-
-
-def text_config_dims(model) -> tuple[int, int, bool]:
-    """``(hidden, mlp width, gated)`` of a VLM's language model."""
-    text = model.config.get_text_config()
-    act = getattr(text, "hidden_act", "silu")
-    mlp = model.model.language_model.layers[0].mlp
-    gated = hasattr(mlp, "gate_proj") or act in ("silu", "swiglu")
-    return text.hidden_size, text.intermediate_size, gated

@@ -2,24 +2,61 @@
 
 Layout of an output folder::
 
-    <out>/run.json                       what was run: model, settings, protocols, FLOPs convention, versions
+    <out>/run.json                       what was run: model, settings, protocols, FLOPs convention, versions,
+                                         and one fingerprint per results file (``streams``, see Resuming)
+    <out>/.lock                          held (``fcntl.flock``) while a run writes into the folder
     <out>/<benchmark>/<setting>.jsonl    one record per sample, appended as batches finish (rank-suffixed
                                          files under ``accelerate launch``); a rerun skips what is there
-    <out>/summary.md, summary.csv        one row per (benchmark, setting)
-    <out>/pareto.png                     accuracy against prefill speed-up
+    <out>/summary.md, summary.csv        one row per (benchmark, setting); summary.md ends with notes
+    <out>/breakdown.md, breakdown.csv    per question type / POPE split / MME subtask / subject / category
+    <out>/pareto.png                     accuracy against speed-up and FLOPs reduction, one row of plots per
+                                         benchmark (its own metric on the y axis); ``pareto.txt`` says why
+                                         when it could not be drawn (matplotlib missing)
 
 Batches are formed from the benchmark order before sharding, and ranks take whole batches round-robin, so
 a run over N processes computes exactly the batches a single process would.
+
+Resuming (decisions, issue 17):
+
+- A results file is reused only by a run with the same *fingerprint*: model (name as given, class, dtype,
+  device type, parameter count and a checksum of a few weights of every parameter), the setting, the
+  benchmark's protocol (name, source, config, split, prompt, generation settings, metric), the batch size
+  and the vtprune version. ``run.json`` keeps the fingerprint of every file in the folder; a mismatch, or
+  rows without a recorded fingerprint, raise :class:`~vtprune.errors.UsageError` (use another ``--out`` or
+  delete the files), before anything is computed.
+- ``--limit`` is not part of the fingerprint: rows are keyed by sample id, so a run reports (and computes,
+  when missing) exactly the samples it loaded. ``--limit 16`` after ``--limit 40`` reports 16 samples,
+  ``--limit 40`` after ``--limit 16`` computes the 24 missing ones.
+- A last line cut by a kill (no final newline) is truncated away on restart, with a :class:`ResumeWarning`;
+  its sample is recomputed. Other lines that are not JSON (files of older versions) are skipped with a
+  warning, their samples recomputed.
+- Two runs into one folder at once: the second raises :class:`~vtprune.errors.UsageError`. The lock is an
+  ``fcntl.flock`` on ``<out>/.lock``, which the kernel releases when its process dies, so a lock file left by
+  a killed run (a dead pid) is simply taken over. Without ``fcntl`` (Windows) the folder is not locked.
+- Every record carries the ``session`` (one id per ``run_eval`` call, shared by its ranks). The summary's
+  ``timing_sessions`` counts the sessions whose timings a row combines (for pruned settings, its own and
+  those of ``none``, which its speed-up divides by); above 1, latency and speed-up mix separate processes
+  and summary.md says so. Rerun into a fresh ``--out`` for like-for-like timings.
+- ``peak_mem_mb`` is CUDA's allocator peak of each batch (reset before each ``generate``). On CPU there is
+  no per-setting measure (the process RSS peak only grows, tracemalloc does not see torch's allocator), so
+  it is left blank (``None``).
+- Settings are de-duplicated (the same dict twice is run once); two different settings whose labels
+  sanitise to the same file name both get a short hash of the setting appended to their label.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import itertools
 import json
 import os
 import re
+import socket
 import statistics
 import time
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +64,39 @@ from typing import Any
 import torch
 
 from ..api import get_pruner, unwrap, wrap
-from .flops import FLOPS_CONVENTION, prefill_flops, text_config_dims
+from ..errors import UsageError
+from ..registry import get_family
+from .flops import FLOPS_CONVENTION, prefill_flops
 
-__all__ = ["EvalRun", "parse_settings", "setting_label", "run_eval", "summarize"]
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+__all__ = [
+    "EvalRun",
+    "EvalSummary",
+    "ResumeWarning",
+    "FolderLock",
+    "parse_settings",
+    "setting_label",
+    "setting_labels",
+    "run_eval",
+    "summarize",
+    "write_reports",
+    "plot_pareto",
+]
 
 NONE = {"method": "none"}
+
+
+class ResumeWarning(UserWarning):
+    """Something in an output folder was repaired or skipped on resume (a cut last line, a bad line)."""
+
+
+# ============================================================================================================
+# Settings
+# ============================================================================================================
 
 
 def _parse_value(text: str) -> Any:
@@ -43,41 +108,97 @@ def _parse_value(text: str) -> Any:
 
 def parse_settings(specs: list[str]) -> list[dict]:
     """``["none", "fastervlm:keep_ratio=0.5,0.25", "static_exit:layer=2,4"]`` -> config dicts (cartesian
-    product over comma-separated values). A spec may also be a JSON object or a path to a JSON file."""
+    product over comma-separated values). A spec may also be a JSON object or a path to a JSON file.
+
+    Every setting is validated here (``PruneConfig.from_dict``), not after an hour of running; a bad one
+    raises :class:`~vtprune.errors.UsageError` naming the spec."""
     settings = []
     for spec in specs:
         spec = spec.strip()
+        found = []
         if spec.startswith("{"):
-            settings.append(json.loads(spec))
-            continue
-        if spec.endswith(".json") and Path(spec).is_file():
-            settings.append(json.loads(Path(spec).read_text()))
-            continue
-        name, *fields = spec.split(":")
-        if name == "none":
-            if fields:
-                raise ValueError("the 'none' setting takes no options")
-            settings.append(dict(NONE))
-            continue
-        grid = []
-        for item in fields:
-            if "=" not in item:
-                raise ValueError(f"bad option {item!r} in {spec!r}: expected key=value[,value...]")
-            key, values = item.split("=", 1)
-            grid.append([(key, _parse_value(v)) for v in values.split(",")])
-        for combo in itertools.product(*grid) if grid else [()]:
-            settings.append({"method": name, **dict(combo)})
-    for setting in settings:  # validate now, not after an hour of running
-        if setting.get("method") != "none":
-            from ..config import PruneConfig
-
-            PruneConfig.from_dict(setting)
+            found.append(_load_json(spec, spec))
+        elif spec.endswith(".json"):
+            path = Path(spec).expanduser()
+            if not path.is_file():
+                raise UsageError(f"setting {spec!r}: no such JSON file")
+            found.append(_load_json(path.read_text(), spec))
+        else:
+            name, *fields = spec.split(":")
+            if name == "none":
+                if fields:
+                    raise UsageError("the 'none' setting takes no options")
+                found.append(dict(NONE))
+            else:
+                grid = []
+                for item in fields:
+                    if "=" not in item:
+                        raise UsageError(f"bad option {item!r} in {spec!r}: expected key=value[,value...]")
+                    key, values = item.split("=", 1)
+                    grid.append([(key, _parse_value(v)) for v in values.split(",")])
+                for combo in itertools.product(*grid) if grid else [()]:
+                    found.append({"method": name, **dict(combo)})
+        for setting in found:
+            _validate_setting(setting, spec)
+        settings += found
     return settings
 
 
+def _load_json(text: str, spec: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"setting {spec!r}: not valid JSON ({err})") from err
+    if not isinstance(value, dict) or "method" not in value:
+        raise UsageError(f"setting {spec!r}: expected a JSON object with a 'method' key")
+    return value
+
+
+def _validate_setting(setting: dict, spec: str) -> None:
+    if setting.get("method") == "none":
+        if set(setting) != {"method"}:
+            raise UsageError(f"setting {spec!r}: the 'none' setting takes no options")
+        return
+    from ..config import PruneConfig
+
+    try:
+        PruneConfig.from_dict(dict(setting))
+    except (ValueError, TypeError) as err:  # config validation (UsageError is a ValueError)
+        raise UsageError(f"setting {spec!r}: {err}") from err
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def setting_label(setting: dict) -> str:
+    """The file-name label of one setting: ``method-key=value-...`` with unsafe characters replaced."""
     parts = [setting["method"]] + [f"{k}={v}" for k, v in setting.items() if k != "method"]
     return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", "-".join(parts))
+
+
+def setting_labels(settings: list[dict]) -> list[str]:
+    """Labels of ``settings`` that never collide: two different settings with the same
+    :func:`setting_label` (e.g. ``"a b"`` and ``"a/b"`` both give ``a_b``, or ``1`` and ``"1"``) both get
+    ``-<8 hex of the setting's hash>`` appended."""
+    labels = [setting_label(s) for s in settings]
+    owners: dict[str, set[str]] = {}
+    for label, setting in zip(labels, settings):
+        owners.setdefault(label, set()).add(_canonical(setting))
+    return [
+        f"{label}-{hashlib.sha1(_canonical(s).encode()).hexdigest()[:8]}" if len(owners[label]) > 1 else label
+        for label, s in zip(labels, settings)
+    ]
+
+
+def _unique(settings: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for s in settings:
+        key = _canonical(s)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
 
 
 @dataclass
@@ -85,7 +206,8 @@ class EvalRun:
     """Everything one ``vtprune eval`` invocation needs.
 
     ``answer(samples, model, generation_kwargs) -> (predictions, stats)`` runs one batch (see
-    :class:`~vtprune.eval.models.Answerer`); ``model`` is the HF model that settings wrap.
+    :class:`~vtprune.eval.models.Answerer`); ``model`` is the HF model that settings wrap. ``meta`` is
+    recorded in run.json; its ``"model"`` (the name the model was loaded by) is part of the resume key.
     """
 
     model: Any
@@ -96,6 +218,21 @@ class EvalRun:
     batch_size: int = 8
     warmup: int = 1
     meta: dict = field(default_factory=dict)
+
+
+class EvalSummary(list):
+    """The summary rows :func:`run_eval` returns (a list of dicts), with ``files``: the report files
+    written into the output folder (on rank 0; empty elsewhere) and ``notes``: what summary.md notes."""
+
+    def __init__(self, rows=(), files=(), notes=()):
+        super().__init__(rows)
+        self.files = list(files)
+        self.notes = list(notes)
+
+
+# ============================================================================================================
+# Timing
+# ============================================================================================================
 
 
 class _FirstTokenTimer:
@@ -118,7 +255,8 @@ class _FirstTokenTimer:
 
 
 def timed_generate(model, inputs: dict, **generate_kwargs) -> tuple[torch.Tensor, dict]:
-    """``model.generate`` with time to first token, end-to-end latency and decode speed."""
+    """``model.generate`` with time to first token, end-to-end latency and decode speed; ``peak_mem_mb`` is
+    the CUDA allocator's peak during this call, ``None`` on other devices (not measured)."""
     device = model.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -145,12 +283,15 @@ def timed_generate(model, inputs: dict, **generate_kwargs) -> tuple[torch.Tensor
     return new, stats
 
 
-def _peak_memory_mb(device) -> float:
+def _peak_memory_mb(device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    return None  # no per-call measure on CPU: the process RSS peak is the same for every setting
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+# ============================================================================================================
+# Processes
+# ============================================================================================================
 
 
 def _state():
@@ -172,81 +313,337 @@ def _barrier() -> None:
         state.wait_for_everyone()
 
 
+def _broadcast(value, world: int):
+    """``value`` of rank 0 on every rank."""
+    if world == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+class FolderLock:
+    """An exclusive lock on an output folder: ``<folder>/.lock`` held with ``fcntl.flock``.
+
+    The kernel drops the lock when its process dies, so a lock file left by a killed run is taken over; the
+    file only records who holds it (pid, host, start time) for the error message. A no-op without
+    ``fcntl``."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        if fcntl is None:
+            warnings.warn(f"cannot lock {self.path.parent} on this platform", ResumeWarning, stacklevel=2)
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: held by a live process
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UsageError(
+                f"{self.path.parent} is in use by another vtprune eval ({holder}); wait for it to finish or "
+                "pass another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ============================================================================================================
+# Results files
+# ============================================================================================================
+
+
+def _stream_files(folder: Path, label: str) -> list[Path]:
+    pattern = re.compile(re.escape(label) + r"(\.rank\d+)?\.jsonl")
+    return sorted(p for p in folder.glob(f"{label}*.jsonl") if pattern.fullmatch(p.name))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """The records of one file; lines that are not JSON are skipped with a :class:`ResumeWarning`."""
+    records, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict) and "id" in rec:
+            records.append(rec)
+        else:
+            bad += 1
+    if bad:
+        warnings.warn(
+            f"{path}: {bad} line(s) are not records (written by an older vtprune?); skipped, their samples "
+            "are recomputed",
+            ResumeWarning,
+            stacklevel=3,
+        )
+    return records
+
+
+def _repair_cut_line(path: Path) -> None:
+    """Truncate ``path`` after its last newline when its last line was cut (a kill during a write)."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    warnings.warn(
+        f"{path}: the last line was cut ({size - keep} bytes, a killed run?); dropped it, its sample is "
+        "recomputed",
+        ResumeWarning,
+        stacklevel=3,
+    )
+
+
 def _done_ids(folder: Path, label: str) -> set[str]:
-    done = set()
-    for path in folder.glob(f"{label}*.jsonl"):
-        if not re.fullmatch(re.escape(label) + r"(\.rank\d+)?\.jsonl", path.name):
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                done.add(str(json.loads(line)["id"]))
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut by a kill: its sample is redone
-    return done
+    return {str(r["id"]) for path in _stream_files(folder, label) for r in _read_jsonl(path)}
 
 
-def _records(folder: Path, label: str) -> list[dict]:
+def _records(folder: Path, label: str, ids: set[str] | None = None) -> list[dict]:
+    """Records of one (benchmark, setting), one per sample id (restricted to ``ids`` when given)."""
     records = {}
-    for path in sorted(folder.glob(f"{label}*.jsonl")):
-        if not re.fullmatch(re.escape(label) + r"(\.rank\d+)?\.jsonl", path.name):
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            records[str(rec["id"])] = rec
+    for path in _stream_files(folder, label):
+        for rec in _read_jsonl(path):
+            if ids is None or str(rec["id"]) in ids:
+                records[str(rec["id"])] = rec
     return list(records.values())
 
 
-def run_eval(run: EvalRun, progress: bool = True) -> list[dict]:
-    """Run every (benchmark, setting); returns the summary rows (computed on rank 0, all ranks return)."""
-    rank, world = _rank_info()
-    run.out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (run.out / "run.json").write_text(
-            json.dumps(
-                run.meta
-                | {
-                    "settings": run.settings,
-                    "benchmarks": {
-                        name: getattr(b, "protocol", {}) for name, (b, _) in run.benchmarks.items()
-                    },
-                    "flops_convention": FLOPS_CONVENTION,
-                    "batch_size": run.batch_size,
-                    "processes": world,
-                },
-                indent=2,
-                default=str,
+# ============================================================================================================
+# Fingerprints
+# ============================================================================================================
+
+
+def _model_fingerprint(model, name) -> dict:
+    """Identity of the model: what it was loaded by, its class, dtype, device type and a weights checksum
+    (the first 8 values of every parameter: cheap, and different for a retrained or another model)."""
+    params = list(model.parameters())
+    digest = hashlib.sha1()
+    try:
+        for p in params:
+            digest.update(p.detach().reshape(-1)[:8].float().cpu().numpy().tobytes())
+        checksum = digest.hexdigest()[:16]
+    except Exception:  # parameters that cannot be read (meta device, exotic quantisation)
+        checksum = None
+    first = params[0] if params else None
+    return {
+        "name": name,
+        "class": type(model).__name__,
+        "dtype": str(first.dtype) if first is not None else None,
+        "device": first.device.type if first is not None else None,
+        "parameters": sum(p.numel() for p in params),
+        "weights_checksum": checksum,
+    }
+
+
+def _benchmark_fingerprint(name: str, bench) -> dict:
+    protocol = dict(getattr(bench, "protocol", {}) or {})
+    loaded = dict(protocol.pop("loaded", {}) or {})
+    for key in ("limit", "samples"):  # sample-level keys: rows are reused by id
+        loaded.pop(key, None)
+    return {"name": name, **protocol, "loaded": loaded}
+
+
+def _fingerprint(model_fp: dict, bench_fp: dict, setting: dict, batch_size: int) -> dict:
+    from .. import __version__
+
+    fp = {
+        "model": model_fp,
+        "benchmark": bench_fp,
+        "setting": setting,
+        "batch_size": batch_size,
+        "vtprune": __version__,
+    }
+    return json.loads(json.dumps(fp, sort_keys=True, default=str))  # as stored and read back
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def _read_run_json(out: Path) -> dict:
+    path = out / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"{path} is not valid JSON ({err}); cannot tell what the results in {out} are. Use another --out "
+            "or delete the folder"
+        ) from err
+
+
+def _check_resume(out: Path, previous: dict, fingerprints: dict[str, dict]) -> None:
+    """Refuse to reuse rows written under another fingerprint (or without one)."""
+    streams = previous.get("streams", {})
+    for key, fp in fingerprints.items():
+        folder, label = out / key.rsplit("/", 1)[0], key.rsplit("/", 1)[1]
+        files = [p for p in _stream_files(folder, label) if p.stat().st_size > 0] if folder.is_dir() else []
+        if not files:
+            continue
+        where = f"{folder / label}*.jsonl"
+        if key not in streams:
+            raise UsageError(
+                f"{where} holds results that run.json has no fingerprint for (another vtprune version, or "
+                "run.json was replaced); resuming could mix runs. Use another --out or delete those files"
             )
-            + "\n"
-        )
-    d, m, gated = text_config_dims(run.model)
-    for (name, (bench, samples)), setting in itertools.product(run.benchmarks.items(), run.settings):
-        folder = run.out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        label = setting_label(setting)
-        batches = [samples[i : i + run.batch_size] for i in range(0, len(samples), run.batch_size)]
-        mine = [(i, b) for i, b in enumerate(batches) if i % world == rank]
-        done = _done_ids(folder, label)
-        todo = [(i, [s for s in b if str(s.id) not in done]) for i, b in mine]
-        todo = [(i, b) for i, b in todo if b]
-        path = folder / (f"{label}.rank{rank}.jsonl" if world > 1 else f"{label}.jsonl")
-        if todo:
-            _run_setting(run, bench, setting, todo, path, name, label, (d, m, gated), progress and rank == 0)
-        _barrier()
-    _barrier()
-    rows = summarize(
-        run.out, list(run.benchmarks), run.settings, {n: b for n, (b, _) in run.benchmarks.items()}
-    )
+        diffs = _differences(streams[key], fp)
+        if diffs:
+            shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            raise UsageError(
+                f"{where} holds results of a different run ({shown}); resuming would mix them. Use another "
+                "--out or delete those files"
+            )
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# ============================================================================================================
+# Running
+# ============================================================================================================
+
+
+def run_eval(run: EvalRun, progress: bool = True) -> EvalSummary:
+    """Run every (benchmark, setting); returns the summary rows (computed on rank 0, all ranks return).
+
+    Raises :class:`~vtprune.errors.UsageError` (before computing anything) when ``run.out`` is a file, is
+    in use by another run, or holds results of a different run (see the module docstring)."""
+    rank, world = _rank_info()
+    out = Path(run.out)
+    settings = _unique(run.settings)
+    labels = setting_labels(settings)
+    by_label = dict(zip(labels, settings))
+    lock = FolderLock(out)
+    failure = None
     if rank == 0:
-        write_reports(run.out, rows)
-    return rows
+        try:
+            _prepare(run, out, settings, labels, lock, world)
+        except Exception as err:
+            failure = err
+    session = uuid.uuid4().hex[:12]
+    message, session = _broadcast(
+        (None if failure is None else (isinstance(failure, UsageError), str(failure)), session), world
+    )
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise (UsageError if message[0] else RuntimeError)(message[1])
+    try:
+        dims = get_family(run.model).text_dims()
+        for (name, (bench, samples)), label in itertools.product(run.benchmarks.items(), labels):
+            folder = out / name
+            folder.mkdir(parents=True, exist_ok=True)
+            batches = [samples[i : i + run.batch_size] for i in range(0, len(samples), run.batch_size)]
+            mine = [(i, b) for i, b in enumerate(batches) if i % world == rank]
+            done = _done_ids(folder, label)
+            todo = [(i, [s for s in b if str(s.id) not in done]) for i, b in mine]
+            todo = [(i, b) for i, b in todo if b]
+            path = folder / (f"{label}.rank{rank}.jsonl" if world > 1 else f"{label}.jsonl")
+            if todo:
+                setting = by_label[label]
+                context = (name, label, session, dims)
+                _run_setting(run, bench, setting, todo, path, context, progress and rank == 0)
+            _barrier()
+        _barrier()
+        ids = {name: {str(s.id) for s in samples} for name, (_, samples) in run.benchmarks.items()}
+        rows = summarize(
+            out,
+            list(run.benchmarks),
+            settings,
+            {n: b for n, (b, _) in run.benchmarks.items()},
+            ids=ids,
+            labels=labels,
+        )
+        result = EvalSummary(rows)
+        if rank == 0:
+            main = {n: getattr(b, "main_metric", "") for n, (b, _) in run.benchmarks.items()}
+            result.files, result.notes = write_reports(out, rows, main_metrics=main)
+        return result
+    finally:
+        lock.release()
 
 
-def _run_setting(run, bench, setting, todo, path, name, label, dims, progress):
+def _prepare(run: EvalRun, out: Path, settings, labels, lock: FolderLock, world: int) -> None:
+    """Rank 0, before anything runs: the folder, its lock, the resume check, cut lines, run.json."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; pass a folder (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a parent is a file, no permission
+        raise UsageError(f"cannot create the output folder {str(out)!r}: {err}") from err
+    lock.acquire()
+    try:
+        previous = _read_run_json(out)
+        model_fp = _model_fingerprint(run.model, run.meta.get("model"))
+        fingerprints = {
+            f"{name}/{label}": _fingerprint(
+                model_fp, _benchmark_fingerprint(name, bench), setting, run.batch_size
+            )
+            for name, (bench, _) in run.benchmarks.items()
+            for setting, label in zip(settings, labels)
+        }
+        _check_resume(out, previous, fingerprints)
+        for key in fingerprints:
+            folder, label = out / key.rsplit("/", 1)[0], key.rsplit("/", 1)[1]
+            if folder.is_dir():
+                for path in _stream_files(folder, label):
+                    _repair_cut_line(path)
+        from .. import __version__
+
+        record = dict(run.meta) | {
+            "settings": settings,
+            "labels": labels,
+            "benchmarks": {name: getattr(b, "protocol", {}) for name, (b, _) in run.benchmarks.items()},
+            "flops_convention": FLOPS_CONVENTION,
+            "batch_size": run.batch_size,
+            "processes": world,
+            "vtprune": __version__,
+            "torch": torch.__version__,
+            "streams": previous.get("streams", {}) | fingerprints,
+        }
+        _write_json_atomic(out / "run.json", record)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _run_setting(run, bench, setting, todo, path, context, progress):
     from tqdm.auto import tqdm
 
+    name, label, session, dims = context
     model = run.model
     pruned = setting["method"] != "none"
     if pruned:
@@ -266,6 +663,7 @@ def _run_setting(run, bench, setting, todo, path, name, label, dims, progress):
                     "setting": label,
                     "prediction": pred,
                     "batch": batch_index,
+                    "session": session,
                     **bench.score_sample(sample, pred),
                     **stats,
                 }
@@ -282,8 +680,7 @@ def _run_setting(run, bench, setting, todo, path, name, label, dims, progress):
 
 
 def _token_stats(model, selection, prompt, dims) -> dict:
-    d, m, gated = dims
-    n_layers = len(model.model.language_model.layers)
+    d, m, gated, n_layers = dims.hidden, dims.intermediate, dims.gated, dims.num_layers
     if selection is not None:
         text = selection.tokens_in - selection.visual_in
         layer_visual = list(selection.layer_visual)
@@ -309,40 +706,64 @@ def _jsonable(value):
     return str(value)
 
 
-def summarize(out: Path, benchmarks: list[str], settings: list[dict], bench_objs: dict) -> list[dict]:
+# ============================================================================================================
+# Summary and reports
+# ============================================================================================================
+
+
+def summarize(
+    out: Path,
+    benchmarks: list[str],
+    settings: list[dict],
+    bench_objs: dict,
+    ids: dict[str, set[str]] | None = None,
+    labels: list[str] | None = None,
+) -> list[dict]:
+    """One row per (benchmark, setting) with records on disk. ``ids`` (benchmark -> sample ids) restricts
+    each benchmark to the samples of this run; ``labels`` defaults to :func:`setting_labels`. A row's
+    ``breakdown`` holds the benchmark's grouped metrics (``by_type``, POPE ``splits``, MME ``subtasks``...)."""
+    labels = labels or setting_labels(settings)
     rows = []
     for name in benchmarks:
-        base_ttft = None
+        base = None
         per_setting = []
-        for setting in settings:
-            label = setting_label(setting)
-            recs = _records(out / name, label)
+        for setting, label in zip(settings, labels):
+            recs = _records(Path(out) / name, label, None if ids is None else ids.get(name))
             if not recs:
                 continue
             metrics = bench_objs[name].aggregate(recs)
             batches = {}
             for r in recs:
-                batches.setdefault(r["batch"], r)
+                batches.setdefault((r.get("session"), r["batch"]), r)
             b = list(batches.values())
+            peaks = [x["peak_mem_mb"] for x in b if x.get("peak_mem_mb") is not None]
             row = {
                 "benchmark": name,
                 "setting": label,
                 "samples": len(recs),
-                **{k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                **{k: v for k, v in metrics.items() if _is_number(v)},
                 "visual_tokens_mean": statistics.fmean(r["visual_mean"] for r in recs),
                 "flops_ratio": statistics.fmean(r["flops_ratio"] for r in recs),
                 "ttft_ms": 1e3 * statistics.median(x["ttft_s"] for x in b),
                 "latency_ms": 1e3 * statistics.median(x["latency_s"] for x in b),
                 "decode_tok_s": _median([x["decode_tok_s"] for x in b]),
-                "peak_mem_mb": max(x["peak_mem_mb"] for x in b),
+                "peak_mem_mb": max(peaks) if peaks else None,
+                "_sessions": {r.get("session") for r in recs},
+                "breakdown": {k: v for k, v in metrics.items() if isinstance(v, dict)},
             }
             if setting["method"] == "none":
-                base_ttft = row["ttft_ms"]
+                base = row
             per_setting.append(row)
+        base_sessions = base["_sessions"] if base else set()
         for row in per_setting:
-            row["speedup"] = base_ttft / row["ttft_ms"] if base_ttft else None
+            row["speedup"] = base["ttft_ms"] / row["ttft_ms"] if base else None
+            row["timing_sessions"] = len(row.pop("_sessions") | base_sessions)
         rows.extend(per_setting)
     return rows
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _median(values):
@@ -350,27 +771,132 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def write_reports(out: Path, rows: list[dict]) -> None:
-    import csv
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
 
+
+def _table(columns: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+
+
+def write_reports(
+    out: Path, rows: list[dict], main_metrics: dict | None = None
+) -> tuple[list[str], list[str]]:
+    """summary.csv / summary.md, breakdown.csv / breakdown.md and the Pareto plot (or pareto.txt saying why
+    there is none). Returns ``(files written, notes)``; the notes end summary.md."""
+    out = Path(out)
     if not rows:
-        return
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+        return [], []
+    files, notes = [], []
+    columns = [k for k in dict.fromkeys(k for row in rows for k in row) if k != "breakdown"]
     with open(out / "summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    files.append("summary.csv")
+    files += write_breakdown(out, rows)
     try:
-        plot_pareto(out / "pareto.png", rows)
+        notes += plot_pareto(out / "pareto.png", rows, main_metrics=main_metrics)
+        files.append("pareto.png")
     except ImportError as err:
         (out / "pareto.txt").write_text(f"no plot: {err}\n")
+        files.append("pareto.txt")
+        notes.append(f"pareto.png not drawn: {err}")
+    notes = _summary_notes(rows) + notes
+    lines = _table(columns, [[row.get(c) for c in columns] for row in rows])
+    if notes:
+        lines += ["", "Notes:", *[f"- {n}" for n in notes]]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    files.insert(0, "summary.md")
+    return files, notes
 
 
-def plot_pareto(path: Path, rows: list[dict], metric: str | None = None) -> None:
+def _summary_notes(rows: list[dict]) -> list[str]:
+    notes = []
+    for name in dict.fromkeys(r["benchmark"] for r in rows):
+        if not any(r["setting"] == "none" for r in rows if r["benchmark"] == name):
+            notes.append(
+                f"{name}: speedup is blank: the unpruned baseline `none` is not among the settings "
+                "(add `none` to --methods)"
+            )
+    mixed = [f"{r['benchmark']} {r['setting']}" for r in rows if (r.get("timing_sessions") or 0) > 1]
+    if mixed:
+        notes.append(
+            "timing_sessions > 1 ("
+            + ", ".join(mixed)
+            + "): latency and speed-up combine timings of separate "
+            "eval processes (a resumed run); rerun into a fresh --out for like-for-like timings"
+        )
+    if any(r.get("peak_mem_mb") is None for r in rows):
+        notes.append("peak_mem_mb is blank where not measured (only CUDA's per-batch allocator peak is)")
+    return notes
+
+
+def _flatten_breakdown(breakdown: dict) -> list[tuple[str, str, str, Any]]:
+    """``(group, key, metric, value)`` for the numbers of a row's breakdown (two levels at most)."""
+    items = []
+    for group, content in breakdown.items():
+        for key, value in content.items():
+            if isinstance(value, dict):
+                items += [(group, str(key), str(m), v) for m, v in value.items() if _is_number(v)]
+            elif _is_number(value):
+                items.append((group, str(key), "", value))
+    return items
+
+
+def write_breakdown(out: Path, rows: list[dict]) -> list[str]:
+    """breakdown.csv (long: benchmark, setting, group, key, metric, value) and breakdown.md (one table per
+    benchmark and group: settings x keys, or for nested groups such as POPE's splits and MME's subtasks,
+    (setting, key) x metrics). Nothing is written when no benchmark reports groups."""
+    flat = [
+        (r["benchmark"], r["setting"], *item)
+        for r in rows
+        for item in _flatten_breakdown(r.get("breakdown") or {})
+    ]
+    if not flat:
+        return []
+    with open(out / "breakdown.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["benchmark", "setting", "group", "key", "metric", "value"])
+        writer.writerows(flat)
+    lines = ["# Breakdowns", ""]
+    for bench in dict.fromkeys(x[0] for x in flat):
+        for group in dict.fromkeys(x[2] for x in flat if x[0] == bench):
+            items = [x for x in flat if x[0] == bench and x[2] == group]
+            settings = list(dict.fromkeys(x[1] for x in items))
+            keys = list(dict.fromkeys(x[3] for x in items))
+            metrics = list(dict.fromkeys(x[4] for x in items))
+            value = {(x[1], x[3], x[4]): x[5] for x in items}
+            lines += [f"## {bench}: {group}", ""]
+            if metrics == [""]:
+                table = _table(
+                    ["setting", *keys], [[s, *[value.get((s, k, "")) for k in keys]] for s in settings]
+                )
+            else:
+                table = _table(
+                    ["setting", "key", *metrics],
+                    [[s, k, *[value.get((s, k, m)) for m in metrics]] for s in settings for k in keys],
+                )
+            lines += [*table, ""]
+    (out / "breakdown.md").write_text("\n".join(lines))
+    return ["breakdown.md", "breakdown.csv"]
+
+
+def _point_label(setting_label: str) -> str:
+    method, _, options = setting_label.partition("-")
+    return options or method
+
+
+def plot_pareto(
+    path: Path, rows: list[dict], metric: str | None = None, main_metrics: dict | None = None
+) -> list[str]:
+    """One row of two plots per benchmark: its metric (``metric``, else ``main_metrics[benchmark]``, else a
+    guess) against the realised prefill speed-up (TTFT) and against the FLOPs reduction. Points are
+    labelled with the setting's options (``keep_ratio=0.25``); settings of one method are joined. Without the
+    ``none`` baseline the speed-up plot says so instead of staying empty. Returns notes for the summary."""
     try:
         import matplotlib
 
@@ -378,24 +904,50 @@ def plot_pareto(path: Path, rows: list[dict], metric: str | None = None) -> None
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError("the Pareto plot needs matplotlib: pip install 'vtprune[plot]'") from err
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name in dict.fromkeys(r["benchmark"] for r in rows):
+    names = list(dict.fromkeys(r["benchmark"] for r in rows))
+    fig, axes = plt.subplots(len(names), 2, figsize=(11, 3.8 * len(names)), squeeze=False)
+    notes = []
+    for (ax_speed, ax_flops), name in zip(axes, names):
         bench_rows = [r for r in rows if r["benchmark"] == name]
-        key = metric or _main_metric(bench_rows[0])
-        for method in dict.fromkeys(r["setting"].split("-")[0] for r in bench_rows):
-            pts = [r for r in bench_rows if r["setting"].split("-")[0] == method]
-            for ax, x in zip(axes, ("speedup", "flops_ratio")):
-                xs = [(r[x] if x == "speedup" else 1 / r[x]) for r in pts]
-                ys = [r[key] for r in pts]
-                ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=f"{name}: {method}")
-        for ax, title in zip(axes, ("realised prefill speed-up (TTFT)", "FLOPs reduction (x)")):
-            ax.set_xlabel(title)
-            ax.set_ylabel(key)
+        key = metric or (main_metrics or {}).get(name) or _main_metric(bench_rows[0])
+        if not all(_is_number(r.get(key)) for r in bench_rows):
+            key = _main_metric(bench_rows[0])
+        has_base = any(r.get("speedup") is not None for r in bench_rows)
+        for ax, x in ((ax_speed, "speedup"), (ax_flops, "flops_ratio")):
+            if x == "speedup" and not has_base:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no speed-up: the unpruned baseline `none`\nwas not run (add `none` to --methods)",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                )
+                notes.append(f"pareto.png: {name} has no speed-up plot (no `none` setting)")
+            else:
+                for method in dict.fromkeys(r["setting"].split("-")[0] for r in bench_rows):
+                    pts = [r for r in bench_rows if r["setting"].split("-")[0] == method]
+                    xy = sorted(
+                        ((r[x] if x == "speedup" else 1 / r[x]), r[key], _point_label(r["setting"]))
+                        for r in pts
+                    )
+                    ax.plot(
+                        [p[0] for p in xy], [p[1] for p in xy], "o-" if len(xy) > 1 else "o", label=method
+                    )
+                    for px, py, text in xy:
+                        ax.annotate(text, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.legend(fontsize=7)
+            ax.set_xlabel(
+                "realised prefill speed-up vs none (TTFT, x)"
+                if x == "speedup"
+                else "prefill FLOPs reduction (x)"
+            )
+            ax.set_ylabel(f"{name}: {key}")
             ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return notes
 
 
 def _main_metric(row: dict) -> str:
@@ -411,5 +963,6 @@ def _main_metric(row: dict) -> str:
         "decode_tok_s",
         "peak_mem_mb",
         "speedup",
+        "timing_sessions",
     }
-    return next(k for k, v in row.items() if isinstance(v, (int, float)) and k not in skip)
+    return next(k for k, v in row.items() if _is_number(v) and k not in skip)
