@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -23,14 +25,39 @@ def full_positions(model, inputs) -> torch.Tensor:
     return text
 
 
-def kept_reference_inputs(model, inputs, selection, contiguous: bool) -> dict:
+def image_features_per_sample(model, inputs) -> list[torch.Tensor]:
+    """The unwrapped model's image features, one ``(visual tokens, hidden)`` tensor per sample: its images
+    concatenated in placeholder order. Encoded with every input ``get_image_features`` takes
+    (``image_grid_thw``, ``image_sizes``, ``batch_num_images``...)."""
+    import inspect
+
+    encode = model.model.get_image_features
+    encode_kwargs = {k: inputs[k] for k in inspect.signature(encode).parameters if k in inputs}
+    with torch.no_grad():
+        images = list(encode(**encode_kwargs, return_dict=True).pooler_output)
+    empty = images[0][:0]
+    per_sample = []
+    for n in (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist():
+        taken = []
+        while sum(int(f.shape[0]) for f in taken) < n:
+            taken.append(images.pop(0))
+        assert sum(int(f.shape[0]) for f in taken) == n, "an image's tokens span two samples"
+        per_sample.append(torch.cat(taken) if taken else empty)
+    return per_sample
+
+
+# Families whose multimodal forward takes pre-encoded image features as one stacked tensor (InternVL's tiles).
+STACKED_FEATURES = {"internvl"}
+
+
+def kept_reference_inputs(model, inputs, selection, contiguous: bool, kept_features=None) -> dict:
     """Inputs holding only the kept tokens, left-padded, with the kept image features pre-encoded.
 
     ``model`` must be unwrapped. Positions: renumbered (contiguous) or the original ones.
+    ``kept_features``: per sample, the rows to place at the kept visual tokens (a transform's new rows,
+    e.g. pooled features); default: the model's own features of those tokens.
     """
-    encode_kwargs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
-    with torch.no_grad():
-        feats = list(model.model.get_image_features(**encode_kwargs, return_dict=True).pooler_output)
+    feats = image_features_per_sample(model, inputs)
     positions = full_positions(model, inputs)
     batch = inputs["input_ids"].shape[0]
     width = max(len(s.kept_columns) for s in selection)
@@ -38,13 +65,15 @@ def kept_reference_inputs(model, inputs, selection, contiguous: bool) -> dict:
     mask = torch.zeros(batch, width, dtype=torch.long)
     pos = torch.zeros(*positions.shape[:-2], batch, width, dtype=torch.long)
     kept_feats = []
-    for b, (sel, feat) in enumerate(zip(selection, feats)):  # one image per sample in these tests
+    for b, (sel, feat) in enumerate(zip(selection, feats)):
         cols = sel.kept_columns
         n = len(cols)
         ids[b, width - n :] = inputs["input_ids"][b, cols]
         mask[b, width - n :] = 1
         pos[..., b, width - n :] = torch.arange(n) if contiguous else positions[..., b, cols]
-        kept_feats.append(feat[sel.kept_visual])
+        kept_feats.append(feat[sel.kept_visual] if kept_features is None else kept_features[b])
+    if model.config.model_type in STACKED_FEATURES:  # the forward takes one (images, tokens, hidden) tensor
+        kept_feats = torch.cat(kept_feats)[None]
     out = {
         "input_ids": ids,
         "attention_mask": mask,
@@ -56,6 +85,49 @@ def kept_reference_inputs(model, inputs, selection, contiguous: bool) -> dict:
         out["mm_token_type_ids"] = (ids == image_token).int()
         out["image_grid_thw"] = inputs["image_grid_thw"]
     return out
+
+
+def reference_grids(model, inputs) -> list[tuple[int, int]]:
+    """Each sample's visual-token grid, from the tiny model's own geometry (one image per sample)."""
+    vision = model.config.vision_config
+    if "image_grid_thw" in inputs:
+        merge = vision.spatial_merge_size
+        return [(h // merge, w // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+    if "image_sizes" in inputs:  # anyres: base view + unpadded crops with newline tokens, no one grid
+        counts = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+        return [(1, n) for n in counts]
+    if model.config.model_type == "internvl":  # one tile is a grid; an image of several tiles is not
+        side = vision.image_size[0] // vision.patch_size[0] // 2
+        counts = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+        return [(side, side) if n == side * side else (1, n) for n in counts]
+    side = vision.image_size // vision.patch_size
+    return [(side, side)] * inputs["input_ids"].shape[0]
+
+
+def reference_pool(features, grid, target: int, anchor: str = "center"):
+    """Plain loops: average ``features`` ``(rows * cols, hidden)`` over an ``R x C`` grid of windows
+    (``R = round(sqrt(target * rows / cols))`` clamped, ``C = target // R``, then ``R = target // C``), window
+    ``i`` spanning ``[floor(i rows / R), ceil((i + 1) rows / R))``. Returns the anchor cell indices (window
+    centre ``(lo + hi - 1) // 2`` or first cell) and the window means."""
+    rows, cols = grid
+    if target >= rows * cols:
+        return torch.arange(rows * cols), features
+    out_r = min(rows, max(1, round(math.sqrt(target * rows / cols))))
+    out_c = min(cols, max(1, target // out_r))
+    out_r = min(rows, max(1, target // out_c))
+
+    def spans(size, out):
+        return [(math.floor(i * size / out), math.ceil((i + 1) * size / out)) for i in range(out)]
+
+    grid_feats = features.reshape(rows, cols, -1)
+    anchors, means = [], []
+    for r0, r1 in spans(rows, out_r):
+        for c0, c1 in spans(cols, out_c):
+            cells = [grid_feats[r, c].double() for r in range(r0, r1) for c in range(c0, c1)]
+            means.append((sum(cells) / len(cells)).to(features.dtype))
+            r, c = ((r0 + r1 - 1) // 2, (c0 + c1 - 1) // 2) if anchor == "center" else (r0, c0)
+            anchors.append(r * cols + c)
+    return torch.tensor(anchors), torch.stack(means)
 
 
 def greedy_no_cache(model, ref: dict, steps: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -175,3 +247,12 @@ def greedy_masked_no_cache(model, lm_inputs, alive, steps) -> tuple[torch.Tensor
         pos = torch.cat([pos, pos[..., -1:] + 1], -1)
         alive = [torch.cat([a, torch.ones_like(a[:, :1])], -1) for a in alive]
     return torch.stack(tokens, 1), logits
+
+
+def forbid_generating(model, token_ids) -> None:
+    """Bias the LM head by -1e4 at ``token_ids`` (e.g. the image placeholder): a tiny random model may emit
+    one, and recomputing a sequence with a stray placeholder fails in transformers itself."""
+    head = model.lm_head
+    bias = torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device)
+    bias[list(token_ids)] = -1e4
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)

@@ -8,10 +8,13 @@ vtprune.unwrap(model)                                        # original behaviou
 from .api import get_pruner, is_wrapped, unwrap, wrap
 from .config import PruneConfig, VisualTokenConfig, available_methods
 from .errors import UsageError
+from .methods.crosslmm import CrossLMMConfig
 from .methods.dyvte import DyVTEConfig
 from .methods.fastervlm import FasterVLMConfig
 from .methods.fastv import FastVConfig
+from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
+from .methods.schedule import ScheduleConfig
 from .methods.static_exit import StaticExitConfig
 from .registry import supported_model_types
 from .runtime.selection import SampleSelection
@@ -30,6 +33,9 @@ __all__ = [
     "FastVConfig",
     "StaticExitConfig",
     "DyVTEConfig",
+    "PoolConfig",
+    "CrossLMMConfig",
+    "ScheduleConfig",
     "SampleSelection",
     "UsageError",
     "available_methods",

@@ -52,34 +52,50 @@ def _demo(args) -> int:
 
 
 def _bench_prefill(args) -> int:
+    import json
+
     import torch
 
     from . import speed
-    from .testing import llava_inputs
 
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    if args.size == "7b":
-        model = speed.llava_7b_shaped(device=args.device, dtype=dtype)
-    else:
-        model = speed.mid_llava(device=args.device, dtype=dtype)
-    inputs = llava_inputs(model, text_lengths=(args.text_tokens,) * args.batch)
-    inputs = {k: v.to(args.device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    model = speed.bench_model(args.family, args.size, device=args.device, dtype=dtype)
+    inputs = speed.bench_inputs(model, args.batch, args.text_tokens, device=args.device, dtype=dtype)
     print(
-        f"{args.size} random LLaVA: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
-        f"device={args.device}, dtype={args.dtype}, threads={torch.get_num_threads()}"
+        f"{args.size} random {args.family}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, "
+        f"batch={args.batch}, device={args.device}, dtype={args.dtype}, threads={torch.get_num_threads()}, "
+        f"clock={args.clock}, repeats={args.repeats} (interleaved, medians)"
     )
-    if args.method in ("static_exit", "fastv") and args.layers:
+    if args.settings:
+        from .eval.harness import parse_settings
+
+        settings = [s for s in parse_settings(args.settings) if s["method"] != "none"]
+    elif args.method in ("static_exit", "fastv") and args.layers:
         settings = [{"method": args.method, "layer": layer} for layer in args.layers]
         if args.method == "fastv":
             settings = [s | {"keep_ratio": r} for s in settings for r in args.ratios]
     else:
         settings = [{"method": args.method, "keep_ratio": r} for r in args.ratios]
-    results = speed.prefill_speedups(model, inputs, settings, repeats=args.repeats)
+    results = speed.prefill_speedups(
+        model, inputs, settings, repeats=args.repeats, clock=args.clock, flops=args.flops
+    )
     print(speed.format_table(results))
+    report = {
+        "family": args.family,
+        "size": args.size,
+        "batch": args.batch,
+        "device": args.device,
+        "dtype": args.dtype,
+        "clock": args.clock,
+        "threads": torch.get_num_threads(),
+        "prefill": [
+            dict(vars(r), realised_vs_ideal=r.realised_vs_ideal, setting=s)
+            for r, s in zip(results, [None, *settings])
+        ],
+    }
     if args.decode_tokens:
         from . import unwrap, wrap
 
@@ -87,6 +103,7 @@ def _bench_prefill(args) -> int:
         print(
             f"\ngenerate {args.decode_tokens} tokens (prefill + decode), median of 3: unpruned {base * 1e3:.1f} ms"
         )
+        report["generate"] = [{"setting": None, "median_s": base, "speedup": 1.0}]
         for setting in settings:
             wrap(model, dict(setting))
             try:
@@ -94,6 +111,10 @@ def _bench_prefill(args) -> int:
             finally:
                 unwrap(model)
             print(f"  {setting}: {t * 1e3:.1f} ms, speed-up {base / t:.2f}x")
+            report["generate"].append({"setting": setting, "median_s": t, "speedup": base / t})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
     return 0
 
 
@@ -201,7 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.set_defaults(func=_demo)
 
-    bench = sub.add_parser("bench-prefill", help="prefill speed-up on a mid-size random LLaVA (576 tokens)")
+    bench = sub.add_parser(
+        "bench-prefill",
+        help="prefill speed-up, realised and FLOPs-ideal, on a random LLaVA / Qwen2-VL (576 visual tokens)",
+    )
+    bench.add_argument("--family", choices=["llava", "qwen2_vl"], default="llava")
+    bench.add_argument(
+        "--settings",
+        nargs="+",
+        default=None,
+        help="settings as for eval --methods (e.g. fastervlm:keep_ratio=0.5,0.25 static_exit:layer=2); "
+        "replaces --method/--layers/--ratios",
+    )
     bench.add_argument("--method", default="fastervlm", help="fastervlm | random | fastv | static_exit")
     bench.add_argument("--layers", type=int, nargs="*", default=[], help="exit/FastV layers, e.g. 2 4 8")
     bench.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.1])
@@ -210,9 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--dtype", default="float32")
     bench.add_argument("--threads", type=int, default=0)
-    bench.add_argument("--size", choices=["mid", "7b"], default="mid", help="7b: LLaVA-1.5-7B shapes (GPU)")
+    bench.add_argument(
+        "--size", choices=["mid", "7b"], default="mid", help="7b: LLaVA-1.5-7B / Qwen2-VL-7B shapes (GPU)"
+    )
     bench.add_argument("--batch", type=int, default=1)
     bench.add_argument("--decode-tokens", type=int, default=0, help="also time generate() of N tokens")
+    bench.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time (steadier on a shared CPU; single-threaded runs)",
+    )
+    bench.add_argument(
+        "--no-flops", dest="flops", action="store_false", help="skip counting FLOPs (no ideal speed-up)"
+    )
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench.set_defaults(func=_bench_prefill)
 
     ev = sub.add_parser("eval", help="accuracy vs realised speed-up over benchmarks x pruning settings")
@@ -259,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     dy.add_argument("--seed", type=int, default=0)
     dy.add_argument("--out", default=None, help="default: <model folder>/vtprune_dyvte")
     dy.set_defaults(func=_train_dyvte)
+    from .tune.crosslmm_cli import add_parser as _add_crosslmm_parser
+
+    _add_crosslmm_parser(sub)
+    from .tune.search_cli import add_parser as _add_search_parser
+
+    _add_search_parser(sub)
 
     args = parser.parse_args(argv)
     from .errors import UsageError

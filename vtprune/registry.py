@@ -29,6 +29,7 @@ __all__ = [
     "register_family",
     "get_family",
     "supported_model_types",
+    "family_class",
 ]
 
 Handler = Callable[[PruneConfig, "Integration"], "MethodParts"]
@@ -76,6 +77,12 @@ def register_family(cls: type[Integration]) -> type[Integration]:
 
 def supported_model_types() -> list[str]:
     return sorted(_FAMILIES)
+
+
+def family_class(model_type: str) -> type[Integration] | None:
+    """The integration class registered for ``model_type``, or None (no model needed, unlike
+    :func:`get_family`: e.g. to load a checkpoint's processor before its weights)."""
+    return _FAMILIES.get(model_type)
 
 
 def get_family(model) -> Integration:

@@ -1,5 +1,6 @@
 """Speed of pruning: prefill and generate timed pruned vs unpruned in one run (ratios, not absolute times),
-and the mid-size / 7B-shaped random LLaVA models they run on."""
+the FLOPs-ideal speed-up beside the realised one, and the random models they run on (mid-size and 7B-shaped
+LLaVA-1.5 and Qwen2-VL, 576 visual tokens each)."""
 
 from __future__ import annotations
 
@@ -14,21 +15,54 @@ from .registry import get_family
 
 __all__ = [
     "PrefillResult",
+    "count_flops",
+    "flop_counter",
+    "format_table",
     "time_prefill",
     "time_generate",
     "prefill_speedups",
     "mid_llava",
     "llava_7b_shaped",
+    "mid_qwen2_vl",
+    "qwen2_vl_7b_shaped",
+    "bench_model",
+    "bench_inputs",
 ]
 
 
 @dataclass
 class PrefillResult:
+    """One row of :func:`prefill_speedups`.
+
+    Attributes:
+        label: the setting (``"unpruned"`` for the baseline).
+        visual_tokens: mean over decoder layers of the visual tokens a layer processed (sample 0).
+        prompt_tokens: tokens the language model received (sample 0).
+        median_s: median seconds of one prefill (vision encoder + LLM, ``logits_to_keep=1``).
+        speedup: realised prefill speed-up, the baseline's median over this one.
+        flops: FLOPs of one prefill counted by ``torch.utils.flop_counter.FlopCounterMode`` (vision encoder,
+            probe, LLM and the kept logits; CPU SDPA included, see :func:`count_flops`), or None.
+        ideal: the FLOPs-ideal speed-up, the baseline's ``flops`` over this one (None without ``flops``).
+        llm_flops_ratio: the language model's FLOPs against the unpruned one in FastV's convention
+            (:mod:`vtprune.eval.flops`, the eval summary's ``flops_ratio``; vision encoder not counted).
+    """
+
     label: str
-    visual_tokens: int
+    visual_tokens: float
     prompt_tokens: int
     median_s: float
     speedup: float
+    flops: float | None = None
+    ideal: float | None = None
+    llm_flops_ratio: float | None = None
+
+    @property
+    def realised_vs_ideal(self) -> float | None:
+        """Realised over FLOPs-ideal speed-up (1.0: the wall clock fell as much as the FLOPs)."""
+        return None if self.ideal is None else self.speedup / self.ideal
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _sync(device) -> None:
@@ -36,48 +70,129 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def time_prefill(model, inputs: dict, repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of one prefill (vision encoder + LLM forward, no decoding) over ``repeats``."""
+def _prefill(model, inputs: dict):
+    return model(**inputs, use_cache=True, logits_to_keep=1)
+
+
+def _time_once(model, inputs: dict, clock) -> float:
+    _sync(model.device)
+    start = clock()
+    _prefill(model, inputs)
+    _sync(model.device)
+    return clock() - start
+
+
+def time_prefill(model, inputs: dict, repeats: int = 5, warmup: int = 1, clock: str = "wall") -> float:
+    """Median seconds of one prefill (vision encoder + LLM forward, no decoding) over ``repeats``.
+
+    ``clock``: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: this process's CPU
+    time, steadier than the wall clock on a CPU shared with other jobs; single-threaded runs only)."""
     times = []
     with torch.inference_mode():
         for i in range(warmup + repeats):
-            _sync(model.device)
-            start = time.perf_counter()
-            model(**inputs, use_cache=True, logits_to_keep=1)
-            _sync(model.device)
+            elapsed = _time_once(model, inputs, CLOCKS[clock])
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(elapsed)
     return statistics.median(times)
 
 
-def prefill_speedups(model, inputs: dict, settings, repeats: int = 5) -> list[PrefillResult]:
-    """Time the unpruned model, then each setting (a config dict such as ``{"method": "fastervlm",
-    "keep_ratio": 0.25}``), in one run. ``visual_tokens`` is the mean over decoder layers of the visual
-    tokens a layer processes (equal to the kept count for methods that prune before the LLM)."""
-    n_visual = int((inputs["input_ids"][0] == get_family(model).image_token_id).sum())
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_counter():
+    """A ``FlopCounterMode`` that also counts CPU SDPA: torch's registry has formulas for the CUDA fused
+    attention ops but none for ``aten._scaled_dot_product_flash_attention_for_cpu``, which ``F.scaled_dot_
+    product_attention`` calls on CPU (without it, attention is missing from CPU counts). Its formula is the
+    CUDA flash op's: ``4 * B * H * Q * K * D`` (both products over the full matrix, masks ignored)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(model, inputs: dict) -> float:
+    """FLOPs of one prefill (vision encoder, probe, language model, kept logits) as counted by
+    :func:`flop_counter`. Triton kernels are not seen by the counter (GPU only; the probe's torch twin is)."""
+    with torch.inference_mode(), flop_counter() as counter:
+        _prefill(model, inputs)
+    return float(counter.get_total_flops())
+
+
+def _label(setting: dict) -> str:
+    return " ".join(
+        [setting["method"]]
+        + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items() if k != "method"]
+    )
+
+
+def _llm_flops(model, text_tokens: int, layer_visual: list) -> float:
+    from .eval.flops import prefill_flops
+
+    dims = get_family(model).text_dims()
+    return prefill_flops(text_tokens, list(layer_visual), dims.hidden, dims.intermediate, dims.gated)
+
+
+def prefill_speedups(
+    model, inputs: dict, settings, repeats: int = 5, *, clock: str = "wall", flops: bool = True
+) -> list[PrefillResult]:
+    """Time the unpruned model and each setting (a config dict such as ``{"method": "fastervlm",
+    "keep_ratio": 0.25}``) in one run, interleaved: every repeat times the unpruned model and then each
+    setting once (a slower or faster stretch of a shared machine hits all of them alike); medians.
+
+    Each setting is wrapped and run once untimed first (its selection gives ``visual_tokens``, the mean over
+    decoder layers of the visual tokens a layer processes), and, with ``flops``, counted once under
+    :func:`flop_counter`: ``ideal`` is then the FLOPs-ideal speed-up and ``realised_vs_ideal`` the share of it
+    the wall clock (or ``clock="cpu"``: CPU time) realised."""
+    family = get_family(model)
+    n_visual = int((inputs["input_ids"][0] == family.image_token_id).sum())
     n_prompt = (
         int(inputs["attention_mask"][0].sum()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
     )
-    base = time_prefill(model, inputs, repeats)
-    results = [PrefillResult("unpruned", n_visual, n_prompt, base, 1.0)]
-    for setting in settings:
-        wrap(model, dict(setting))
-        try:
-            t = time_prefill(model, inputs, repeats)
-            sel = get_pruner(model).last[0]
-        finally:
-            unwrap(model)
-        label = " ".join(
-            [setting["method"]]
-            + [
-                f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                for k, v in setting.items()
-                if k != "method"
-            ]
-        )
-        mean_visual = sum(sel.layer_visual) / len(sel.layer_visual)
-        results.append(PrefillResult(label, round(mean_visual, 1), sel.tokens_out, t, base / t))
-    return results
+    n_layers = len(family.decoder_layers)
+    llm_full = _llm_flops(model, n_prompt - n_visual, [n_visual] * n_layers)
+    settings = [dict(s) for s in settings]
+    rows = [PrefillResult("unpruned", float(n_visual), n_prompt, 0.0, 1.0, llm_flops_ratio=1.0)]
+    with torch.inference_mode():
+        _prefill(model, inputs)  # warm-up
+        if flops:
+            rows[0].flops = count_flops(model, inputs)
+        for setting in settings:
+            wrap(model, dict(setting))
+            try:
+                _prefill(model, inputs)  # warm-up; its selection describes the setting
+                sel = get_pruner(model).last[0]
+                if flops:
+                    flop_count = count_flops(model, inputs)
+            finally:
+                unwrap(model)
+            mean_visual = sum(sel.layer_visual) / len(sel.layer_visual)
+            llm = _llm_flops(model, sel.tokens_out - sel.visual_out, sel.layer_visual)
+            row = PrefillResult(_label(setting), round(mean_visual, 1), sel.tokens_out, 0.0, 0.0)
+            row.llm_flops_ratio = llm / llm_full if llm_full else 1.0
+            if flops:
+                row.flops = flop_count
+            rows.append(row)
+    times: list[list[float]] = [[] for _ in rows]
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for i, setting in enumerate([None, *settings]):
+                if setting is not None:
+                    wrap(model, dict(setting))
+                try:
+                    times[i].append(_time_once(model, inputs, CLOCKS[clock]))
+                finally:
+                    if setting is not None:
+                        unwrap(model)
+    base = statistics.median(times[0])
+    for row, ts in zip(rows, times):
+        row.median_s = statistics.median(ts)
+        row.speedup = base / row.median_s
+        if row.flops:
+            row.ideal = rows[0].flops / row.flops
+    return rows
 
 
 def mid_llava(device="cpu", dtype=torch.float32):
@@ -121,6 +236,145 @@ def llava_7b_shaped(device="cuda", dtype=torch.bfloat16):
     )
 
 
+def qwen2_vl_model(
+    *,
+    vision_depth: int,
+    vision_dim: int,
+    vision_heads: int,
+    text_hidden: int,
+    text_layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab_size: int,
+    mrope_section: tuple[int, int, int],
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+    device=None,
+    dtype=None,
+):
+    """A random ``Qwen2VLForConditionalGeneration`` (14-px patches, 2x2 merge), built on ``device`` in ``dtype``.
+
+    Token ids follow :mod:`vtprune.testing.qwen2_vl` (so :func:`vtprune.testing.qwen_vl_inputs` fits)."""
+    import transformers as tf
+
+    from .testing import BOS, PAD
+    from .testing.qwen2_vl import QWEN_IMAGE, QWEN_VEND, QWEN_VSTART
+
+    text = dict(
+        hidden_size=text_hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab_size,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": list(mrope_section)},
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=2,
+    )
+    vision = dict(
+        depth=vision_depth,
+        embed_dim=vision_dim,
+        hidden_size=text_hidden,
+        num_heads=vision_heads,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        mlp_ratio=4,
+    )
+    config = tf.Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=QWEN_IMAGE,
+        vision_start_token_id=QWEN_VSTART,
+        vision_end_token_id=QWEN_VEND,
+    )
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device or "cpu"):
+            model = tf.Qwen2VLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def mid_qwen2_vl(device="cpu", dtype=torch.float32):
+    """A mid-size random Qwen2-VL: 6-block 256-d ViT (8 heads), 16-layer 768-d text model; one 672x672 image is
+    a 48x48 patch grid = 576 merged visual tokens (see :func:`bench_inputs`)."""
+    return qwen2_vl_model(
+        vision_depth=6,
+        vision_dim=256,
+        vision_heads=8,
+        text_hidden=768,
+        text_layers=16,
+        heads=8,
+        kv_heads=4,
+        intermediate=2048,
+        vocab_size=4096,
+        mrope_section=(16, 16, 16),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def qwen2_vl_7b_shaped(device="cuda", dtype=torch.bfloat16):
+    """Random weights in Qwen2-VL-7B's shapes: 32-block 1280-d ViT (16 heads) and a 28-layer 3584-d text model
+    (28 heads, 4 KV heads). Built directly on ``device`` in ``dtype``."""
+    return qwen2_vl_model(
+        vision_depth=32,
+        vision_dim=1280,
+        vision_heads=16,
+        text_hidden=3584,
+        text_layers=28,
+        heads=28,
+        kv_heads=4,
+        intermediate=18944,
+        vocab_size=152064,
+        mrope_section=(16, 24, 24),
+        device=device,
+        dtype=dtype,
+    )
+
+
+FAMILIES = ("llava", "qwen2_vl")
+QWEN_GRID = (1, 48, 48)  # a 672x672 image in 14-px patches: 2304 patches, 576 merged tokens
+
+
+def bench_model(family: str = "llava", size: str = "mid", device="cpu", dtype=torch.float32):
+    """The benchmark model of ``family`` (``"llava"`` / ``"qwen2_vl"``) at ``size`` (``"mid"`` / ``"7b"``)."""
+    builders = {
+        ("llava", "mid"): mid_llava,
+        ("llava", "7b"): llava_7b_shaped,
+        ("qwen2_vl", "mid"): mid_qwen2_vl,
+        ("qwen2_vl", "7b"): qwen2_vl_7b_shaped,
+    }
+    if (family, size) not in builders:
+        raise ValueError(f"no benchmark model for family={family!r} size={size!r}; families: {FAMILIES}")
+    return builders[family, size](device=device, dtype=dtype)
+
+
+def bench_inputs(model, batch: int = 1, text_tokens: int = 40, device="cpu", dtype=None) -> dict:
+    """A batch of ``batch`` identical-length prompts, one image each (576 visual tokens on both families)."""
+    from .testing import llava_inputs, qwen_vl_inputs
+
+    if model.config.model_type == "llava":
+        inputs = llava_inputs(model, text_lengths=(text_tokens,) * batch)
+    else:
+        inputs = qwen_vl_inputs(model, grids=(QWEN_GRID,) * batch, text_lengths=(text_tokens,) * batch)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if dtype is not None:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
 def time_generate(model, inputs: dict, new_tokens: int, repeats: int = 3) -> float:
     """Median seconds of a greedy ``generate`` of exactly ``new_tokens`` tokens."""
     times = []
@@ -136,12 +390,19 @@ def time_generate(model, inputs: dict, new_tokens: int, repeats: int = 3) -> flo
 
 
 def format_table(results: list[PrefillResult]) -> str:
+    """Markdown table: realised speed-up beside the FLOPs-ideal one and their ratio."""
     lines = [
-        "| setting | visual tokens / layer | LLM input tokens | prefill median (ms) | speed-up |",
-        "|---|---|---|---|---|",
+        "| setting | visual tokens / layer | LLM input tokens | prefill median (ms) | GFLOPs (counted) "
+        "| realised speed-up | ideal speed-up (FLOPs) | realised / ideal | LLM FLOPs ratio (FastV) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        gflops = "" if r.flops is None else f"{r.flops / 1e9:.1f}"
+        ideal = "" if r.ideal is None else f"{r.ideal:.2f}x"
+        ratio = "" if r.realised_vs_ideal is None else f"{r.realised_vs_ideal:.2f}"
+        llm = "" if r.llm_flops_ratio is None else f"{r.llm_flops_ratio:.2f}"
         lines.append(
-            f"| {r.label} | {r.visual_tokens} | {r.prompt_tokens} | {r.median_s * 1e3:.1f} | {r.speedup:.2f}x |"
+            f"| {r.label} | {r.visual_tokens:g} | {r.prompt_tokens} | {r.median_s * 1e3:.1f} | {gflops} "
+            f"| {r.speedup:.2f}x | {ideal} | {ratio} | {llm} |"
         )
     return "\n".join(lines)

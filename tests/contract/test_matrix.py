@@ -12,6 +12,10 @@ must name every method in ``vtprune.available_methods()``):
 
 from __future__ import annotations
 
+import math
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import (
@@ -19,7 +23,10 @@ from helpers import (
     capture_language_model_inputs,
     greedy_masked_no_cache,
     greedy_with_logits,
+    image_features_per_sample,
     kept_reference_inputs,
+    reference_grids,
+    reference_pool,
 )
 
 import vtprune
@@ -37,6 +44,21 @@ def _dyvte(model, tmp_path):
     return {"method": "dyvte", "gates": str(folder), "threshold": 0.3}
 
 
+def _crosslmm(model, tmp_path):
+    """Untrained adapters (gates at 0, so the no-cache reference is pooling's; tests/test_crosslmm.py
+    checks trained ones against a no-cache recomputation)."""
+    from vtprune.methods.crosslmm import CrossLMMAdapters
+
+    torch.manual_seed(2)
+    folder = Path(tmp_path if tmp_path is not None else tempfile.mkdtemp()) / "adapters"
+    CrossLMMAdapters.for_model(model, every=2).save(folder)
+    return {"method": "crosslmm", "tokens": 4, "adapters": str(folder)}
+
+
+# Methods whose transform pools: the reference places independently pooled rows (helpers.reference_pool).
+POOLING = {"pool", "crosslmm"}
+
+
 # name -> (config(model, tmp_path) -> dict, a bad override that must be refused)
 METHOD_CASES = {
     "fastervlm": (lambda m, p: {"method": "fastervlm", "keep_ratio": 0.3}, {"keep_ratio": 1.5}),
@@ -44,6 +66,12 @@ METHOD_CASES = {
     "fastv": (lambda m, p: {"method": "fastv", "layer": 2, "keep_ratio": 0.3}, {"layer": 0}),
     "static_exit": (lambda m, p: {"method": "static_exit", "layer": 2}, {"layer": TEXT_LAYERS}),
     "dyvte": (_dyvte, {"threshold": "0.7"}),
+    "pool": (lambda m, p: {"method": "pool", "keep_ratio": 0.3, "anchor": "first"}, {"tokens": 0}),
+    "crosslmm": (_crosslmm, {"anchor": "middle"}),
+    "schedule": (
+        lambda m, p: {"method": "schedule", "keep": [1.0, 1.0, 0.5, 0.25]},
+        {"keep": [1.0, 0.5, 0.75, 0.0]},
+    ),
 }
 FAMILIES = list(TINY_FAMILIES)
 
@@ -59,9 +87,25 @@ def _build(family, attn="sdpa"):
     return model, tiny.inputs(model)
 
 
-def _reference(model, inputs, selection, engine, contiguous, steps):
+def _pooled_rows(model, inputs, selection, config):
+    """Per sample, the rows an independent pooling writes; checks the kept placeholders are its anchors."""
+    feats = image_features_per_sample(model, inputs)
+    rows = []
+    for feat, grid, sel in zip(feats, reference_grids(model, inputs), selection):
+        n = feat.shape[0]
+        target = config.get("tokens") or max(1, math.floor(n * config.get("keep_ratio", 1.0) + 0.5))
+        anchors, pooled = reference_pool(feat, grid, target, config.get("anchor", "center"))
+        assert torch.equal(sel.kept_visual, anchors)
+        rows.append(pooled)
+    return rows
+
+
+def _reference(model, inputs, selection, engine, contiguous, steps, config=None):
     """Greedy tokens and logits of the unwrapped model on the kept tokens, masked per layer, no cache."""
-    ref = kept_reference_inputs(model, inputs, selection, contiguous)
+    rows = None
+    if config is not None and config["method"] in POOLING:
+        rows = _pooled_rows(model, inputs, selection, config)
+    ref = kept_reference_inputs(model, inputs, selection, contiguous, rows)
     batch, seq = ref["input_ids"].shape
     alive = alive_per_layer(engine, batch, seq) if engine is not None else [None] * TEXT_LAYERS
     alive = [a if a is not None else torch.ones(batch, seq, dtype=torch.bool) for a in alive]
@@ -82,7 +126,7 @@ def test_generate_equals_no_cache_reference(family, method, attn, cache, tmp_pat
     out = greedy_with_logits(model, inputs, steps, cache)
     selection, engine, contiguous = pruner.last, pruner.engine, pruner.contiguous
     vtprune.unwrap(model)
-    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps)
+    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps, config)
     assert torch.equal(out.sequences[:, -steps:], ref_tokens)
     for got, want in zip(out.logits, ref_logits):
         torch.testing.assert_close(got.float(), want, atol=5e-5, rtol=1e-4)
@@ -151,8 +195,8 @@ def _stages() -> tuple[list[str], list[str]]:
             inside.append(name)
             continue
         parts = method_parts(vtprune.PruneConfig.from_dict(make(model, None)), family)
-        (pre if parts.scorer is not None else inside).append(name)
-        assert (parts.scorer is not None) != (parts.plan is not None), name
+        (pre if parts.pre_llm else inside).append(name)
+        assert parts.pre_llm != (parts.plan is not None), name
     return pre, inside
 
 
@@ -171,7 +215,7 @@ def test_a_pre_llm_and_an_in_llm_method_compose(family, pre, inside, tmp_path):
     out = greedy_with_logits(model, inputs, steps, "dynamic")
     selection, engine, contiguous = pruner.last, pruner.engine, pruner.contiguous
     vtprune.unwrap(model)
-    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps)
+    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps, configs[0])
     assert torch.equal(out.sequences[:, -steps:], ref_tokens)
     for got, want in zip(out.logits, ref_logits):
         torch.testing.assert_close(got.float(), want, atol=5e-5, rtol=1e-4)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..integrations import load_processor
 from ..registry import get_family
 from .harness import timed_generate
 
@@ -91,7 +92,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto"):
             raise UsageError(str(err)) from err
         return model, processor, lambda proc, prompt, n: build_prompt(prompt)
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     path = Path(name).expanduser()
@@ -114,7 +115,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto"):
             "(AutoModelForImageTextToText cannot load it)"
         )
     try:
-        processor = AutoProcessor.from_pretrained(name)
+        processor = load_processor(name, config.model_type)  # AutoProcessor, or the family's own loader
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype or "auto")
     except OSError as err:  # processor or weight files missing
         raise UsageError(f"--model: cannot load {where}: {_first_line(err)}") from err

@@ -8,10 +8,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Integration, TextDims
+from .base import Integration, TextDims, load_processor
 from .towers import VisionTower
 
-__all__ = ["Integration", "TextDims", "VisionTower"]
+__all__ = ["Integration", "TextDims", "VisionTower", "load_processor"]
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -12,6 +12,7 @@ To add a family, write one module in this package with an ``Integration`` subcla
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from torch import nn
 from ..errors import UnsupportedError, UsageError, UsageTypeError
 from .towers import VisionTower, get_tower
 
-__all__ = ["Integration", "TextDims"]
+__all__ = ["Integration", "TextDims", "load_processor"]
 
 
 @dataclass(frozen=True)
@@ -92,13 +93,51 @@ class Integration:
             units = [f for batch in units for f in batch]
         return units
 
+    def unit_rows(self, units: list[torch.Tensor], image_mask: torch.Tensor) -> list[int]:
+        """How many consecutive :meth:`budget_units` rows form one budget unit, per unit in placeholder order,
+        read from the prompt (``image_mask``: ``(batch, seq)`` bool, True at image placeholders). For
+        families whose encoder output cannot tell where an image ends (InternVL's tiles: the processor's
+        per-image tile counts never reach the model, only the placeholder runs in the prompt do). The rows
+        are scored (and grouped, by :meth:`token_groups`) one by one at encoding, then joined: the keep
+        rule applies to a joined unit as a whole, or per group when its rows have groups. Default: every
+        row is a unit."""
+        return [1] * len(units)
+
     def token_groups(
         self, units: list[torch.Tensor], encode_args: dict[str, Any], budget: str
     ) -> list[torch.Tensor | None]:
         """Per unit, None (one budget over the unit) or ``(n,)`` long budget groups, -1 for tokens that are
         always kept (see :class:`~vtprune.runtime.parts.VisualUnit`). ``budget`` is a resolved budget mode.
-        Default: one group per unit."""
+        Default: one group per unit.
+
+        Also asked with the multimodal forward's arguments for features that never passed the vision hook
+        (encoded before ``wrap``): a family whose layout needs arguments the call lacks raises
+        :class:`~vtprune.errors.UsageError` rather than let layout tokens be pruned."""
         return [None] * len(units)
+
+    def token_scores(
+        self, records: list[torch.Tensor], units: list[torch.Tensor], encode_args: dict[str, Any]
+    ) -> list[torch.Tensor]:
+        """One ``(n_i,)`` value per visual token of each unit from a vision probe's records. Default: the
+        tower's own map (:meth:`~vtprune.integrations.towers.VisionTower.to_tokens`); families that
+        rearrange the tower's rows (anyres crops packed with row separators) override it and pack the
+        tower's :meth:`~vtprune.integrations.towers.VisionTower.feature_values` as they pack features."""
+        return self.vision_tower().to_tokens(records, units, encode_args)
+
+    def token_grids(
+        self, units: list[torch.Tensor], encode_args: dict[str, Any]
+    ) -> list[tuple[int, int] | None]:
+        """Per unit, ``(rows, cols)`` when its tokens are a row-major 2-D grid of the image (``rows * cols``
+        equal to its token count), else None. ``encode_args``: the arguments of the image encoding or of the
+        multimodal forward (``pixel_values``, ``image_grid_thw``...). Default: a square grid when the token
+        count is a perfect square (fixed-resolution square towers), else None; families with other
+        layouts (non-square images, layout tokens) override it."""
+        grids = []
+        for unit in units:
+            n = int(unit.shape[0])
+            side = math.isqrt(n)
+            grids.append((side, side) if side * side == n and n > 0 else None)
+        return grids
 
     def text_dims(self) -> TextDims:
         text = self.model.config.get_text_config()
@@ -123,3 +162,20 @@ class Integration:
                 f"{self.budget_modes}); use 'auto'"
             )
         return mode
+
+    @classmethod
+    def load_processor(cls, name: str, **kwargs):
+        """The processor of a checkpoint folder or hub id (``vtprune eval``). Default: ``AutoProcessor``;
+        families whose transformers processor needs optional packages (torchvision for a video processor)
+        override it."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name, **kwargs)
+
+
+def load_processor(name: str, model_type: str, **kwargs):
+    """The processor of a checkpoint of ``model_type``: its family's :meth:`Integration.load_processor`
+    (``AutoProcessor`` for model types vtprune does not know)."""
+    from ..registry import family_class
+
+    return (family_class(model_type) or Integration).load_processor(name, **kwargs)

@@ -4,11 +4,14 @@ A tower tells: its attention modules by layer, whether it has a [CLS] token, whi
 default (the one that produces the features the LLM sees), and how a per-patch statistic recorded at one
 layer maps to one value per visual token the LLM sees (dropping [CLS], averaging merged patches, undoing
 window order). A family with a known tower gets all of this for free: LLaVA-NeXT reuses the CLIP tower,
-a SigLIP family adds one class here.
+LLaVA-OneVision the SigLIP tower. Families that rearrange the tower's rows themselves (anyres crops packed
+with row separators) read :meth:`VisionTower.feature_values` and do the packing (see
+:meth:`~vtprune.integrations.Integration.token_scores`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -16,7 +19,15 @@ from torch import nn
 
 from ..errors import UnsupportedError, UsageError
 
-__all__ = ["VisionTower", "register_tower", "get_tower", "ClipTower", "QwenViTTower"]
+__all__ = [
+    "VisionTower",
+    "register_tower",
+    "get_tower",
+    "ClipTower",
+    "SiglipTower",
+    "QwenViTTower",
+    "InternViTTower",
+]
 
 _TOWERS: dict[str, type[VisionTower]] = {}
 
@@ -75,6 +86,13 @@ class VisionTower:
         per visual token of each unit (``units``: the ``(n_i, hidden)`` features the LLM will see)."""
         raise NotImplementedError
 
+    def feature_values(self, records: list[torch.Tensor], encode_args: dict[str, Any]) -> torch.Tensor:
+        """The probe's records as ``(rows, positions)``: one row per image the tower encoded (an image, a
+        crop, a tile: a row of the tower's batch), one value per feature position the projector receives,
+        before a family rearranges rows into LLM tokens. Towers whose rows map one to one to units need
+        only :meth:`to_tokens`."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose per-row feature values")
+
 
 @register_tower
 class ClipTower(VisionTower):
@@ -115,20 +133,57 @@ class ClipTower(VisionTower):
         # hidden_states[f] is the output of encoder layer f - 1 (index 0 is the embeddings).
         return count + feature_layer if feature_layer < 0 else feature_layer - 1
 
-    def to_tokens(self, records, units, encode_args):
-        if encode_args.get("image_sizes") is not None:
-            raise UnsupportedError("LLaVA with image_sizes (variable-resolution towers) is not supported yet")
+    def feature_values(self, records, encode_args):
+        """``(rows, positions)``: the record of each tower row with the columns the projector does not see
+        dropped (HF drops the first token under the ``"default"`` strategy: [CLS] on CLIP)."""
         if len(records) != 1:
             raise RuntimeError(f"expected one attention record per encoder call, got {len(records)}")
-        (scores,) = records  # (num_images, 1 + num_patches)
-        if self.model.config.vision_feature_select_strategy == "default":
-            scores = scores[:, 1:]
+        (scores,) = records  # (rows, tokens)
+        strategy = (
+            encode_args.get("vision_feature_select_strategy")
+            or self.model.config.vision_feature_select_strategy
+        )
+        return scores[:, 1:] if strategy == "default" else scores
+
+    def to_tokens(self, records, units, encode_args):
+        if encode_args.get("image_sizes") is not None:
+            raise UnsupportedError(
+                "this family encodes images at variable resolution (image_sizes) and has no token layout in "
+                "vtprune; families that pack crops map scores themselves (Integration.token_scores)"
+            )
+        scores = self.feature_values(records, encode_args)  # (num_images, num_patches)
         if scores.shape[0] != len(units) or any(f.shape[0] != scores.shape[1] for f in units):
             raise RuntimeError(
                 f"tower attention has shape {tuple(scores.shape)} but the features are "
                 f"{[tuple(f.shape) for f in units]}"
             )
         return list(scores.unbind(0))
+
+
+@register_tower
+class SiglipTower(ClipTower):
+    """SigLIP ViT (LLaVA-OneVision): a square patch grid and **no** [CLS] token; features from
+    ``vision_feature_layer`` (OneVision: -1, the last encoder layer, with the ``"full"`` strategy: every
+    patch is a visual token).
+
+    With no [CLS], methods that need a per-patch importance read a CLS-free statistic (FasterVLM:
+    ``"received"``, the mean attention a patch receives from all patches of its own tower row, over heads).
+    Records are ``(rows, patches)``; the layer index follows ``hidden_states`` as for CLIP.
+    """
+
+    vision_types = ("siglip_vision_model",)
+    has_cls = False
+
+    def attention_modules(self) -> list[nn.Module]:
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
+        if layers is None:
+            raise UnsupportedError(
+                f"vision tower {type(self.model.model.vision_tower).__name__} is not SigLIP-like "
+                "(.encoder.layers)"
+            )
+        return [layer.self_attn for layer in layers]
 
 
 @register_tower
@@ -197,3 +252,61 @@ class QwenViTTower(VisionTower):
         if [s.numel() for s in scores] != [f.shape[0] for f in units]:
             raise RuntimeError("scores and image features disagree on the number of visual tokens per image")
         return scores
+
+
+@register_tower
+class InternViTTower(ClipTower):
+    """InternViT (InternVL2.5 / InternVL3, transformers' ``internvl``): [CLS] + a square patch grid per tower
+    row. Dynamic tiling makes every tile of an image, and its thumbnail, one row of the tower's batch with
+    its own [CLS]. The LLM sees ``vision_feature_layer``'s patches ([CLS] dropped, the ``"default"``
+    strategy) after ``pixel_shuffle`` (``downsample_ratio`` 0.5) folded each 2x2 block of patches into one
+    token (256 tokens per 448px tile).
+
+    A merged token's value is the **sum** of its patches' values. For FasterVLM's [CLS] attention this is
+    the attention mass the tile's [CLS] puts on the part of the tile the token carries (the 4 patches' shares
+    of one softmax add up; the mean ranks identically, every token folding exactly 4 patches, but reads as
+    no share of anything). The 2x2 grouping is the model's own ``pixel_shuffle`` applied to the value map, so
+    it follows the features exactly. Records are ``(tiles, 1 + patches)``; layer indices follow
+    ``hidden_states`` as for CLIP.
+    """
+
+    vision_types = ("internvl_vision",)
+    has_cls = True
+
+    def attention_modules(self) -> list[nn.Module]:
+        tower = self.model.model.vision_tower
+        layers = getattr(getattr(tower, "encoder", None), "layer", None)
+        if layers is None:
+            raise UnsupportedError(
+                f"vision tower {type(tower).__name__} is not InternViT-like (.encoder.layer)"
+            )
+        return [layer.attention for layer in layers]
+
+    def feature_values(self, records, encode_args):
+        strategy = (
+            encode_args.get("vision_feature_select_strategy")
+            or self.model.config.vision_feature_select_strategy
+        )
+        if strategy != "default":
+            raise UnsupportedError(
+                f"InternVL with vision_feature_select_strategy={strategy!r}: the model folds a square patch "
+                "grid, so only 'default' ([CLS] dropped) has a token layout"
+            )
+        return super().feature_values(records, encode_args)
+
+    def to_tokens(self, records, units, encode_args):
+        values = self.feature_values(records, encode_args).float()  # (tiles, patches)
+        tiles, patches = values.shape
+        side = math.isqrt(patches)
+        if side * side != patches:
+            raise RuntimeError(f"InternViT recorded {patches} patches per tile, not a square grid")
+        shuffled = self.model.model.pixel_shuffle(
+            values.reshape(tiles, side, side, 1), scale_factor=self.model.config.downsample_ratio
+        )
+        merged = shuffled.sum(-1).reshape(tiles, -1)  # (tiles, tokens per tile), the LLM's token order
+        if merged.shape[0] != len(units) or any(f.shape[0] != merged.shape[1] for f in units):
+            raise RuntimeError(
+                f"tower attention maps to {tuple(merged.shape)} tokens but the features are "
+                f"{[tuple(f.shape) for f in units]}"
+            )
+        return list(merged.unbind(0))

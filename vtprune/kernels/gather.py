@@ -66,7 +66,8 @@ def keep_mask_to_index(keep: torch.Tensor, size: int | None = None) -> torch.Ten
         raise ValueError(f"keep must be (B, L), got shape {tuple(keep.shape)}")
     batch, length = keep.shape
     if keep.numel() == 0:
-        return torch.full((batch, 0), -1, dtype=torch.long, device=keep.device)
+        k = 0 if size is None else min(int(size), length)
+        return torch.full((batch, k), -1, dtype=torch.long, device=keep.device)
     k = int(keep.sum(1).max()) if size is None else min(int(size), length)  # K decides the output shape
     # A stable ascending sort of the 0/1 mask puts the dropped positions first and the kept ones last, each
     # group in ascending position order: the last K columns are the left-padded index.

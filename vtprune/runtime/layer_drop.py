@@ -68,6 +68,19 @@ class LayerPlan:
         return None
 
 
+def _extend(decision, width: int):
+    """A recorded decision applied to the same tokens followed by appended (text) columns, kept."""
+    if decision is None:
+        return None
+    keep, kept = decision
+    extra = width - keep.shape[1]
+    if extra < 0:
+        raise RuntimeError(f"cannot reuse a decision over {keep.shape[1]} tokens for {width} tokens")
+    if extra:
+        keep = torch.cat([keep, keep.new_ones(keep.shape[0], extra)], dim=1)
+    return keep, list(kept)
+
+
 @dataclass
 class _Current:
     """Token set the next layers see during a prefill, once something was dropped."""
@@ -101,16 +114,32 @@ class LayerEngine:
     host_visual: list = field(default_factory=list)  # per sample, visual tokens now present
     decode_masks: dict = field(default_factory=dict)  # per decode call: prompt mask id -> 4-D mask
     decode_mask2d: torch.Tensor | None = None
+    # per layer: the plan's decision in the latest prefill (None: nothing dropped); a replayed prefill's source
+    decisions: list = field(default_factory=list)
+    replay: list | None = None
     prefilling: bool = False
     decoding: bool = False
+    prepared: bool = False  # the decoding call's mask is generate()'s compact 4-D one (static caches)
     probes: dict = field(default_factory=dict)  # layer -> AttentionProbe armed on its self-attention
 
     # ------------------------------------------------------------------------------------------ phases
     def begin_prefill(
-        self, visual: torch.Tensor, mask2d: torch.Tensor, host_real: list[int], host_visual: list[int]
+        self,
+        visual: torch.Tensor,
+        mask2d: torch.Tensor,
+        host_real: list[int],
+        host_visual: list[int],
+        replay: list | None = None,
     ) -> None:
-        """visual, mask2d: ``(batch, seq)`` of the LLM input; host_real / host_visual: per-sample counts."""
-        self.plan.reset()
+        """visual, mask2d: ``(batch, seq)`` of the LLM input; host_real / host_visual: per-sample counts.
+
+        replay: the ``decisions`` of an earlier prefill over a prefix of this input (the same prompt, with
+        text appended: a no-cache step of the same generate() call); the plan is not asked again, its
+        decisions are reused with the appended columns kept."""
+        self.replay = replay
+        self.decisions = [None] * self.num_layers
+        if replay is None:
+            self.plan.reset()
         self.host_real, self.host_visual = list(host_real), list(host_visual)
         self.prefilling = True
         self.current = None
@@ -125,14 +154,32 @@ class LayerEngine:
         self.prefilling = False
         self.current = None
 
-    def begin_decode(self, mask2d: torch.Tensor | None) -> None:
-        """A later call on the cache this engine's prefill filled (only then do per-layer masks apply)."""
+    def begin_decode(
+        self,
+        mask2d: torch.Tensor | None,
+        prompt_masks: list | None = None,
+        prompt_len: int | None = None,
+        prepared: bool = False,
+    ) -> None:
+        """A later call on a cache a pruned prefill filled (only then do per-layer masks apply).
+
+        mask2d: the call's compact 2-D mask. prompt_masks / prompt_len: the per-layer prompt masks and the
+        compact prompt length of the prefill that filled this cache (default: this engine's latest
+        prefill), so that a cache continues correctly after other prefills ran (another conversation).
+        prepared: the layers receive the compact 4-D mask of layer 0's cache (a static cache, the mask
+        ``generate()`` built before the forward); each layer's mask is derived from it with fixed shapes
+        (:meth:`_prepared_mask`), so a compiled decoding step neither syncs nor changes shape."""
+        if prompt_masks is not None:
+            self.prompt_masks = list(prompt_masks)
+            self.prompt_len = prompt_len
         self.decode_mask2d = mask2d
         self.decode_masks = {}
         self.decoding = True
+        self.prepared = prepared
 
     def end_decode(self) -> None:
         self.decoding = False
+        self.prepared = False
         self.decode_mask2d = None
         self.decode_masks = {}
 
@@ -144,7 +191,10 @@ class LayerEngine:
             return original(hidden, **kwargs)
         prompt_mask = self.prompt_masks[layer]
         if prompt_mask is not None:
-            kwargs["attention_mask"] = self._decode_mask(layer, hidden, prompt_mask, kwargs.get("cache"))
+            if self.prepared and isinstance(kwargs.get("attention_mask"), torch.Tensor):
+                kwargs["attention_mask"] = self._prepared_mask(kwargs["attention_mask"], prompt_mask)
+            else:
+                kwargs["attention_mask"] = self._decode_mask(layer, hidden, prompt_mask, kwargs.get("cache"))
         return original(hidden, **kwargs)
 
     def _prefill_layer(self, layer, original, hidden, kwargs):
@@ -168,7 +218,11 @@ class LayerEngine:
             probe.clear()
         if layer == self.num_layers - 1:
             return out
-        decision = self.plan.decide(layer, out, visual, real, self.attention, list(self.host_visual))
+        if self.replay is not None:
+            decision = _extend(self.replay[layer], visual.shape[1])
+        else:
+            decision = self.plan.decide(layer, out, visual, real, self.attention, list(self.host_visual))
+            self.decisions[layer] = decision
         if decision is None:
             return out
         keep, kept = decision
@@ -241,6 +295,25 @@ class LayerEngine:
             tail = call[:, self.prompt_len :].to(prompt_mask.dtype)
         mask2d = torch.cat([prompt_mask, tail], dim=-1)
         return self._mask(hidden, mask2d, cache, layer)
+
+    def _prepared_mask(self, mask4d: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """A layer's 4-D decoding mask from layer 0's (``(B, 1, q, kv)``, static cache: ``kv`` its size).
+
+        Layer 0's cache holds the ``prompt_len`` compact prompt columns then the tokens fed since; a layer
+        holding a shorter prompt subset (``p`` columns, ``prompt_mask``) holds the same later tokens right
+        after it. Its mask is the subset's padding mask, then layer 0's columns after the prompt moved
+        ``prompt_len - p`` to the left, then masked columns: the same width, with no host value read."""
+        batch, _, q, _ = mask4d.shape
+        p = prompt_mask.shape[1]
+        allowed = prompt_mask.bool()[:, None, None, :].expand(batch, 1, q, p)
+        if mask4d.dtype == torch.bool:
+            head, fill = allowed, False
+        else:
+            fill = torch.finfo(mask4d.dtype).min
+            head = torch.zeros((), dtype=mask4d.dtype, device=mask4d.device).masked_fill(~allowed, fill)
+        tail = mask4d[..., self.prompt_len :]
+        pad = mask4d.new_full((batch, 1, q, self.prompt_len - p), fill)
+        return torch.cat([head.to(mask4d.device), tail, pad], dim=-1)
 
     def visual_counts(self) -> torch.Tensor:
         """``(batch, num_layers)`` visual tokens each layer processed in the last prefill."""

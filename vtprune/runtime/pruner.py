@@ -6,7 +6,8 @@ patches carry the whole mechanism (``unwrap`` removes them):
 
 * ``get_image_features`` of the multimodal base model: after the vision encoder ran, attach each budget
   unit's token scores to its feature tensor (``feature._vtprune_score``), so they travel with features
-  that ``generate()`` pre-encodes, expands for beams, or the caller passes back as ``mm_encoder_outputs``.
+  that ``generate()`` pre-encodes, expands for beams, or the caller passes back as ``mm_encoder_outputs``
+  (an encoder that returns one stacked tensor hands out its rows as a list while wrapped).
 * the base model's ``forward``: at prefill, encode images if needed, score and select the kept visual
   tokens (the method's scorer and keep rule).
 * the language model's ``forward``: at prefill, gather the kept tokens (embeddings, 2-D mask, position
@@ -15,11 +16,16 @@ patches carry the whole mechanism (``unwrap`` removes them):
   patched too).
 
 ``model.create_masks_for_generate`` is also shadowed: for static caches ``generate()`` would otherwise
-build a 4-D mask in original coordinates, which cannot describe the compact cache.
+build a 4-D mask in original coordinates, which cannot describe the compact cache. At a decoding step on a
+cache a pruned prefill filled it builds the compact 4-D mask instead (outside the model's forward, where
+``generate()`` compiles nothing), so that the forward itself - the part ``generate()`` compiles for static
+caches - reads no cache length, syncs nothing with the device and sees the same shapes at every step.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import inspect
 import weakref
@@ -29,9 +35,11 @@ import torch
 from torch import nn
 
 from ..config import PruneConfig
-from ..errors import UsageError
+from ..errors import UnsupportedError, UsageError
+from ..kernels.gather import take_columns
 from ..registry import get_family, method_parts
-from .compact import Prefix, cache_length, compact
+from .adapters import AdapterContext, pad_per_sample
+from .compact import Prefix, cache_length, compact, compact_view, prefix_of
 from .layer_drop import LayerEngine
 from .parts import VisualUnit, compose
 from .patching import Patcher
@@ -39,6 +47,8 @@ from .probe import AttentionProbe
 from .selection import SampleSelection, kept_visual_indices, select_visual_tokens
 
 __all__ = ["Pruner"]
+
+_UNSET = object()
 
 
 @dataclass
@@ -54,6 +64,43 @@ class _Pending:
     visual_in: list[int]  # per sample
     real_in: list[int]  # per sample, padding excluded
     visual_kept: list[int]  # per sample
+    # a transform's new rows (kept visual tokens, hidden), in placeholder order
+    rows: torch.Tensor | None = None
+    # adapters: every sample's unpruned visual features, zero-padded, and their mask
+    aside: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the layer plan's decisions to reuse (a later forward of the same generate() call), or None
+    replay: list | None = None
+
+
+@dataclass
+class _Call:
+    """One ``generate()`` call in progress: one selection per sample for all its steps and beams.
+
+    Pre-LLM scores travel with the encoded features (every beam and step of a call reuses the same
+    tensors). The layer plan decides from the prompt's hidden states, so the call records the decisions of
+    its first pruned prefill, and a later prefill of the same call over that prompt followed by generated
+    tokens (``use_cache=False`` re-feeds the whole sequence at every step) reuses them instead of deciding
+    again from a longer sequence.
+    """
+
+    prompt: torch.Tensor | None = None  # (batch, seq) input ids of the first pruned prefill
+    real: torch.Tensor | None = None  # its 2-D padding mask, or None
+    decisions: list | None = None  # the engine's decisions of that prefill
+
+    def reuse(self, input_ids: torch.Tensor, real: torch.Tensor | None) -> list | None:
+        """The recorded decisions when ``input_ids`` extends the recorded prompt, else None (and the first
+        call's prompt is noted, to be recorded with its decisions)."""
+        if self.decisions is None:
+            self.prompt, self.real = input_ids, real
+            return None
+        n = self.prompt.shape[1]
+        if input_ids.shape[0] != self.prompt.shape[0] or input_ids.shape[1] < n:
+            return None
+        if (real is None) != (self.real is None) or not torch.equal(input_ids[:, :n], self.prompt):
+            return None
+        if real is not None and not torch.equal(real[:, :n], self.real):
+            return None
+        return self.decisions
 
 
 def _bind(fn, args, kwargs) -> dict:
@@ -94,8 +141,16 @@ class Pruner:
         self.patcher = Patcher()
         self._last: list[SampleSelection] | None = None
         self._last_raw = None
+        self._out_cols: torch.Tensor | None = None  # latest prefill: LM-input columns of its output, or None
         self._pending: _Pending | None = None
         self._prefix: Prefix | None = None
+        self._call: _Call | None = None  # the generate() call in progress
+        self._decode_ready = False  # generate() prepared the next call's compact 4-D mask
+        self._mark = object()  # tags the scores this pruner attached to features
+        # adapters: features kept aside by the latest prefill, its context while it runs, a layer's input
+        self._aside: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._adapter_ctx: AdapterContext | None = None
+        self._residual: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------------------- patches
     def attach(self) -> None:
@@ -108,10 +163,18 @@ class Pruner:
                 self.probe.attach(self.patcher)
             if parts.plan is not None:
                 self._attach_layers()
+            if parts.adapters is not None:
+                self._attach_adapters()
             self._patch_method(inner, "get_image_features", self._get_image_features)
             self._patch_method(inner, "forward", self._multimodal_forward)
             self._patch_method(lm, "forward", self._language_forward)
-            self.patcher.set_attr(self.model, "create_masks_for_generate", _passthrough_mask)
+            self._patch_method(self.model, "generate", self._generate)
+            self._patch_method(self.model, "forward", self._model_forward)
+            self.patcher.set_attr(self.model, "create_masks_for_generate", self._masks_for_generate)
+            # Copies: copy.deepcopy and pickle look these up on the instance (nn.Module defines neither
+            # __deepcopy__ nor its own __reduce_ex__); a copy is the unpatched model, wrapped anew.
+            self.patcher.set_attr(self.model, "__deepcopy__", self._deepcopy_model)
+            self.patcher.set_attr(self.model, "__reduce_ex__", self._reduce_model)
             self.patcher.set_attr(self.model, "_vtprune", self)
         except BaseException:
             self.patcher.restore()
@@ -129,9 +192,20 @@ class Pruner:
         for idx, layer in enumerate(layers):
             self._patch_method(layer, "forward", functools.partial(self._decoder_layer, idx))
 
+    def _attach_adapters(self) -> None:
+        layers = self.family.decoder_layers
+        for idx, module in sorted(self.parts.adapters.modules.items()):
+            if not 0 <= idx < len(layers):
+                raise UsageError(f"an adapter is meant for decoder layer {idx}; the model has {len(layers)}")
+            self._patch_method(layers[idx], "forward", self._adapter_layer)
+            self._patch_method(
+                layers[idx].self_attn, "forward", functools.partial(self._adapter_attention, module)
+            )
+
     def detach(self) -> None:
         self.patcher.restore()
         self._pending = self._prefix = None
+        self._aside = self._adapter_ctx = self._residual = None
         self.probe = self.engine = None
         self.text_probes = {}
 
@@ -139,6 +213,38 @@ class Pruner:
         if args:
             raise TypeError("vtprune expects decoder layers to be called as layer(hidden_states, **kwargs)")
         return self.engine.run_layer(idx, original, hidden_states, kwargs)
+
+    def _adapter_layer(self, original, hidden_states, *args, **kwargs):
+        self._residual = hidden_states  # the residual stream the self-attention output is added to
+        try:
+            return original(hidden_states, *args, **kwargs)
+        finally:
+            self._residual = None
+
+    def _adapter_attention(self, module, original, *args, **kwargs):
+        out = original(*args, **kwargs)
+        context = self._adapter_context(kwargs)
+        if context is None or self._residual is None:
+            return out
+        attn = out[0] if isinstance(out, tuple) else out
+        attn = attn + module(self._residual + attn, context)
+        return (attn, *out[1:]) if isinstance(out, tuple) else attn
+
+    def _adapter_context(self, kwargs) -> AdapterContext | None:
+        """The current call's context: the prefill's (with the tokens a layer plan left), a later call's on
+        the cache that prefill filled, or None (the call continues no pruned prefill)."""
+        ctx = self._adapter_ctx
+        if ctx is not None:
+            engine = self.engine
+            if engine is not None and engine.prefilling and engine.current is not None:
+                return dataclasses.replace(
+                    ctx, visual=engine.current.visual, real=engine.current.mask2d.bool()
+                )
+            return ctx
+        prefix = prefix_of(_cache_of(kwargs))  # the features kept aside by the prefill that filled it
+        if prefix is None or prefix.aside is None or prefix.owner() is not self:
+            return None
+        return AdapterContext(prefix.aside[0], prefix.aside[1], prefill=False)
 
     def _patch_method(self, obj, name, impl) -> None:
         original = getattr(obj, name)
@@ -150,27 +256,125 @@ class Pruner:
 
         self.patcher.set_attr(obj, name, patched)
 
+    def _generate(self, original, *args, **kwargs):
+        outer, self._call = self._call, _Call()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            self._call = outer
+            self._decode_ready = False
+
+    def _masks_for_generate(self, *, attention_mask=None, cache=None, is_first_iteration=False, **kwargs):
+        """``generate()``'s mask preparation for compilable (static) caches, outside the model forward.
+
+        A prefill (or a later prompt continuing a cache) keeps the 2-D mask: the language model forward
+        translates it. A decoding step on a cache this wrap's prefill filled gets the compact 4-D mask,
+        built as the model would build it for the shorter cache, and the forward takes it as is (see
+        :meth:`_decode_step`): the original mask's width and the prefix give the compact length on the host,
+        with no read of the cache's (device) length."""
+        prefix = prefix_of(cache)
+        self._decode_ready = False
+        if (
+            is_first_iteration
+            or prefix is None
+            or prefix.owner() is not self
+            or not isinstance(attention_mask, torch.Tensor)
+            or attention_mask.ndim != 2
+        ):
+            return attention_mask
+        q_len = kwargs["inputs_embeds"].shape[1]
+        new = attention_mask.shape[1] - prefix.orig_len - q_len
+        mask2d, _ = prefix.translate(attention_mask, None, q_len, prefix.kept_len + new)
+        position_ids = kwargs.pop("position_ids", None)
+        if position_ids is not None:
+            position_ids = position_ids - prefix.shift.to(position_ids.device)[:, None]
+        creator = getattr(type(self.model), "create_masks_for_generate", None)
+        if creator is None:
+            from transformers.masking_utils import create_masks_for_generate as creator
+        else:
+            creator = creator.__get__(self.model)
+        with compact_view():
+            mask = creator(
+                attention_mask=mask2d,
+                cache=cache,
+                position_ids=position_ids,
+                is_first_iteration=is_first_iteration,
+                **kwargs,
+            )
+        self._decode_ready = True
+        return mask
+
+    # ------------------------------------------------------------------------------------------ copies
+    def _deepcopy_model(self, memo: dict) -> nn.Module:
+        """``copy.deepcopy(model)``: a deep copy of the unpatched model, wrapped anew with a copy of the
+        config (its own Pruner, patches bound to its own modules). References to the original's modules
+        and to this pruner met in the same ``deepcopy`` call map to the copy's."""
+        view, clones = self.patcher.unpatched(self.model)
+        copied = copy.deepcopy(view, memo)
+        for key, clone in clones.items():
+            memo[key] = memo[id(clone)]
+        pruner = Pruner(copied, copy.deepcopy(self.config, memo))
+        pruner.attach()
+        memo[id(self)] = pruner
+        return copied
+
+    def _reduce_model(self, protocol):
+        """``pickle`` / ``torch.save(model)`` / ``copy.copy``: the unpatched model (sharing every tensor and
+        unpatched module; nothing is copied) and the config; loading wraps it again."""
+        return _rewrap, (self.patcher.unpatched(self.model)[0], self.config)
+
+    def __deepcopy__(self, memo: dict) -> Pruner:
+        if self.model.__dict__.get("_vtprune") is not self:  # unwrapped: an unattached copy
+            return Pruner(copy.deepcopy(self.model, memo), copy.deepcopy(self.config, memo))
+        if id(self) not in memo:
+            copy.deepcopy(self.model, memo)  # a pruner is copied with its model
+        return memo[id(self)]
+
+    def __reduce_ex__(self, protocol):
+        if self.model.__dict__.get("_vtprune") is not self:
+            raise TypeError("this Pruner's model was unwrapped; pickle the model instead")
+        return get_pruner_of, (self.model,)
+
     # ---------------------------------------------------------------------------------- vision encoder
     def _get_image_features(self, original, *args, **kwargs):
         if self.probe is not None:
             self.probe.clear()
         out = original(*args, **kwargs)
         features = getattr(out, "pooler_output", None)
-        if features is None or self.parts.scorer is None:
+        if features is None or not self.parts.pre_llm:
             return out
+        if isinstance(features, torch.Tensor):
+            # One stacked tensor (InternVL: a row per tile): hand it out as a list of rows, the layout whose
+            # tensors generate()'s beam expansion keeps (it re-stacks a tensor), so the scores riding on
+            # them survive; the multimodal forward stacks them back for the model (_restack).
+            features = out.pooler_output = list(features.unbind(0))
+            out._vtprune_stacked = True
         units = self.family.budget_units(features)
         encode_args = _bind(original, args, kwargs)
+        if self.parts.transform is not None:  # a transform reads each unit's token grid
+            for unit, grid in zip(units, self.family.token_grids(units, encode_args)):
+                unit._vtprune_grid = grid
+            return out
         groups = self.family.token_groups(units, encode_args, self.budget)
         scores = [None] * len(units)
         if self.probe is not None:
             try:
-                scores = self.family.vision_tower().to_tokens(self.probe.records, units, encode_args)
+                scores = self.family.token_scores(self.probe.records, units, encode_args)
             finally:
                 self.probe.clear()
+        self._score(units, scores, groups)
+        return out
+
+    def _score(self, units, probe_scores, groups) -> None:
+        """Run the scorer once per encoded unit and attach its scores (marked as this pruner's) to the
+        feature tensors: every later use of the same tensors - the beams and returned sequences
+        ``generate()`` expands them into, the whole sequence re-fed at each step without a cache - selects
+        the same tokens. A new encoding (a later ``generate()`` call) scores again."""
+        scores = self.parts.scorer([VisualUnit(*a) for a in zip(units, probe_scores, groups)])
         for unit, score, group in zip(units, scores, groups):
             unit._vtprune_score = score
             unit._vtprune_groups = group
-        return out
+            unit._vtprune_mark = self._mark
 
     # ------------------------------------------------------------------------------ multimodal forward
     def _multimodal_forward(self, original, *args, **kwargs):
@@ -178,10 +382,20 @@ class Pruner:
         mm = dict(kwargs.get("mm_encoder_outputs") or {})
         if kwargs.get("pixel_values") is None and mm.get("image") is None:
             return original(**kwargs)
-        if cache_length(_cache_of(kwargs)) > 0:
-            raise NotImplementedError(
-                "images fed after a non-empty cache (chunked prefill, multi-turn reuse of a cache) cannot be "
-                "pruned; start from an empty cache or call vtprune.unwrap(model) first"
+        cache = _cache_of(kwargs)
+        if cache_length(cache) > 0:
+            ids = kwargs.get("input_ids")
+            new_images = ids is not None and bool((ids == self.family.image_token_id).any())
+            if prefix_of(cache) is not None and not new_images:
+                raise UsageError(
+                    "this call continues a cache that already holds the conversation's (pruned) images: pass "
+                    "input_ids and attention_mask of the whole conversation with the cache, without "
+                    "pixel_values or image features (the images are not encoded again)"
+                )
+            raise UnsupportedError(
+                "images fed after a non-empty cache (a new image in a later turn, chunked prefill) cannot be "
+                "pruned; start from an empty cache with every image of the conversation, or call "
+                "vtprune.unwrap(model) first"
             )
         input_ids = kwargs.get("input_ids")
         if input_ids is None:
@@ -212,6 +426,14 @@ class Pruner:
             encode_kwargs = {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
             mm["image"] = encode(**encode_kwargs, return_dict=True)
             kwargs["pixel_values"] = None
+            # transformers refuses raw pixels of one modality beside encoder outputs of another: encode
+            # videos here too, as generate() does (they are not pruned)
+            encode_video = getattr(self.family.base_model, "get_video_features", None)
+            if mm.get("video") is None and kwargs.get("pixel_values_videos") is not None and encode_video:
+                params = inspect.signature(encode_video).parameters
+                video_kwargs = {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
+                mm["video"] = encode_video(**video_kwargs, return_dict=True)
+                kwargs["pixel_values_videos"] = None
             kwargs["mm_encoder_outputs"] = mm
 
         features = self.family.budget_units(mm["image"].pooler_output)
@@ -222,53 +444,163 @@ class Pruner:
                 "the processor and the model disagree on the number of visual tokens per image"
             )
         parts = self.parts
+        rows = None
         if parts.scorer is not None:
-            units = [
-                VisualUnit(f, getattr(f, "_vtprune_score", None), getattr(f, "_vtprune_groups", None))
-                for f in features
-            ]
-            if parts.probe is not None and any(u.score is None for u in units):
-                raise UsageError(
-                    "these image features carry no vtprune scores: they were encoded before vtprune.wrap or "
-                    "sliced (chunked prefill); pass pixel_values, or encode after wrapping"
-                )
-            keep, kept = select_visual_tokens(
-                image_mask, parts.scorer(units), parts.keep, [u.groups for u in units], sum(visual_in)
+            unscored = [getattr(f, "_vtprune_mark", None) is not self._mark for f in features]
+            if any(unscored):
+                if parts.probe is not None:
+                    raise UsageError(
+                        "these image features carry no vtprune scores: they were encoded before vtprune.wrap "
+                        "(or under another wrap) or sliced (chunked prefill); pass pixel_values, or encode "
+                        "after wrapping"
+                    )
+                # Scored here, once per distinct tensor (beams share them), as at encoding.
+                groups = self.family.token_groups(features, kwargs, self.budget)
+                todo = {id(f): (f, g) for f, g, u in zip(features, groups, unscored) if u}
+                self._score([f for f, _ in todo.values()], [None] * len(todo), [g for _, g in todo.values()])
+            units = self._join_rows(
+                [VisualUnit(f, f._vtprune_score, f._vtprune_groups) for f in features], image_mask
             )
-            visual_kept = _per_sample(kept, sizes, visual_in)
+            keep, kept = select_visual_tokens(
+                image_mask,
+                [u.score for u in units],
+                parts.keep,
+                [u.groups for u in units],
+                sum(visual_in),
+            )
+            visual_kept = _per_sample(kept, [u.size for u in units], visual_in)
+        elif parts.transform is not None:
+            keep, rows, kept, unit_sizes = self._transform(features, kwargs, image_mask)
+            visual_kept = _per_sample(kept, unit_sizes, visual_in)
         else:  # nothing is selected before the LLM
             keep = torch.ones_like(image_mask)
             visual_kept = list(visual_in)
-        self._pending = _Pending(keep, image_mask, visual_in, real_in, visual_kept)
+        aside = pad_per_sample(features, visual_in) if parts.adapters is not None else None
+        self._pending = _Pending(keep, image_mask, visual_in, real_in, visual_kept, rows, aside)
+        if self.engine is not None and self._call is not None:
+            self._pending.replay = self._call.reuse(input_ids, real)
+        _restack(kwargs, mm)
         try:
             return original(**kwargs)
         finally:
             self._pending = None
+            self._adapter_ctx = None
+
+    def _transform(self, features, kwargs, image_mask):
+        """Run the method's transform: the ``(batch, seq)`` keep mask, the new rows of the kept visual
+        tokens in placeholder order, and the visual tokens kept per unit (host ints)."""
+        grids = [getattr(f, "_vtprune_grid", _UNSET) for f in features]
+        if any(g is _UNSET for g in grids):  # features encoded before wrapping: ask with the forward's args
+            grids = self.family.token_grids(features, kwargs)
+        units = self._join_rows([VisualUnit(f, grid=g) for f, g in zip(features, grids)], image_mask)
+        out = self.parts.transform(units)
+        masks, rows, kept = [], [], []
+        for unit, (positions, new) in zip(units, out):
+            if new.shape[0] != positions.shape[0] or not 0 < positions.shape[0] <= unit.size:
+                raise RuntimeError(
+                    f"a transform returned {new.shape[0]} rows at {positions.shape[0]} positions for a unit of "
+                    f"{unit.size} tokens"
+                )
+            if (
+                positions.device.type == "cpu"
+                and positions.numel() > 1
+                and not bool((positions.diff() > 0).all())
+            ):
+                raise RuntimeError("a transform must return each unit's kept positions in ascending order")
+            mask = torch.zeros(unit.size, dtype=torch.bool, device=image_mask.device)
+            masks.append(mask.index_fill_(0, positions.to(image_mask.device), True))
+            rows.append(new)
+            kept.append(int(positions.shape[0]))
+        keep = image_mask.logical_not().masked_scatter(image_mask, torch.cat(masks))
+        return keep, torch.cat(rows), kept, [u.size for u in units]
+
+    def _join_rows(self, units: list[VisualUnit], image_mask: torch.Tensor) -> list[VisualUnit]:
+        """Join consecutive feature rows into the family's budget units (``Integration.unit_rows``: e.g. all
+        tiles of one InternVL image). Features and scores are concatenated; groups are None when no row has
+        any (one budget over the joined unit), else each row's groups (a row without: one group) offset past
+        the tokens before it; a grid survives only for a unit of one row."""
+        counts = self.family.unit_rows([u.features for u in units], image_mask)
+        if all(c == 1 for c in counts):
+            return units
+        if sum(counts) != len(units) or min(counts) < 1:
+            raise UsageError(
+                f"the prompt's images span {sum(counts)} feature rows but the encoder returned {len(units)}"
+            )
+        joined, start = [], 0
+        for count in counts:
+            part = units[start : start + count]
+            start += count
+            if count == 1:
+                joined.append(part[0])
+                continue
+            score = None if any(u.score is None for u in part) else torch.cat([u.score for u in part])
+            groups, offset = None, 0
+            if any(u.groups is not None for u in part):
+                device = next(u.groups for u in part if u.groups is not None).device
+                groups = []
+                for u in part:
+                    g = u.groups
+                    if g is None:
+                        g = torch.zeros(u.size, dtype=torch.long, device=device)
+                    groups.append(torch.where(g >= 0, g + offset, g))
+                    offset += u.size
+                groups = torch.cat(groups)
+            joined.append(VisualUnit(torch.cat([u.features for u in part]), score, groups))
+        return joined
 
     # -------------------------------------------------------------------------------- language model
     def _language_forward(self, original, *args, **kwargs):
         kwargs = _bind(original, args, kwargs)
         cache = _cache_of(kwargs)
+        if self._decode_ready and self._pending is None:
+            return self._decode_step(original, kwargs, cache)
         past = cache_length(cache)
         pending, self._pending = self._pending, None
-        if pending is not None and past == 0:
-            return self._prefill(original, kwargs, pending)
-        prefix = self._prefix
-        if prefix is not None and past > 0 and prefix.owns(cache):
-            embeds = kwargs.get("inputs_embeds")
-            q_len = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
-            kwargs["attention_mask"], kwargs["position_ids"] = prefix.translate(
-                kwargs.get("attention_mask"), kwargs.get("position_ids"), q_len, past
-            )
-            if self.engine is not None:
-                self.engine.begin_decode(kwargs["attention_mask"])
-                try:
-                    return original(**kwargs)
-                finally:
-                    self.engine.end_decode()
-        elif past == 0:
-            self._prefix = None
-        return original(**kwargs)
+        with compact_view():  # inside the language model a pruned cache reports what it holds
+            if pending is not None and past == 0:
+                return self._prefill(original, kwargs, pending)
+            prefix = prefix_of(cache)
+            if prefix is not None and past > 0:
+                # A later call on a cache a pruned prefill filled (a decoding step, a later turn): the
+                # prefix travels with the cache, so any such cache continues, whatever ran in between.
+                if prefix.owner() is not self:
+                    raise UsageError(
+                        "this cache holds a prompt pruned by another vtprune wrap (another model, or this "
+                        "model before it was unwrapped); continue it on the model that filled it, or start "
+                        "from an empty cache"
+                    )
+                embeds = kwargs.get("inputs_embeds")
+                q_len = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
+                kwargs["attention_mask"], kwargs["position_ids"] = prefix.translate(
+                    kwargs.get("attention_mask"), kwargs.get("position_ids"), q_len, past
+                )
+                if self.engine is not None:
+                    self.engine.begin_decode(kwargs["attention_mask"], prefix.layer_masks, prefix.kept_len)
+                    try:
+                        return original(**kwargs)
+                    finally:
+                        self.engine.end_decode()
+            elif prefix is not None:  # emptied (a reset static cache) and now filled without pruning
+                Prefix.detach(cache)
+            return original(**kwargs)
+
+    def _decode_step(self, original, kwargs, cache):
+        """A decoding step ``generate()`` prepared (:meth:`_masks_for_generate`): the mask is the compact 4-D
+        one already; positions move down by the prefix's shift. Reads no host value off the device and
+        branches on nothing but Python state, so ``torch.compile`` captures it in the model's graph."""
+        self._decode_ready = False
+        prefix = prefix_of(cache)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids - prefix.shift.to(position_ids.device)[:, None]
+        with compact_view():
+            if self.engine is None:
+                return original(**kwargs)
+            self.engine.begin_decode(None, prefix.layer_masks, prefix.kept_len, prepared=True)
+            try:
+                return original(**kwargs)
+            finally:
+                self.engine.end_decode()
 
     def _prefill(self, original, kwargs, pending: _Pending):
         embeds = kwargs.get("inputs_embeds")
@@ -278,6 +610,11 @@ class Pruner:
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.ndim != 2):
             raise UsageError("vtprune needs the 2-D padding mask at prefill (got a prepared 4-D/dict mask)")
         real_out = [r - v + k for r, v, k in zip(pending.real_in, pending.visual_in, pending.visual_kept)]
+        if pending.rows is not None:  # a transform's new rows replace the features at the kept placeholders
+            written = (pending.keep & pending.image_mask).unsqueeze(-1)
+            embeds = embeds.masked_scatter(
+                written.to(embeds.device), pending.rows.to(embeds.device, embeds.dtype)
+            )
         packed = compact(
             embeds,
             attention_mask,
@@ -291,13 +628,19 @@ class Pruner:
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
         )
+        self._aside = pending.aside  # read by the adapters at this prefill and at later calls on its cache
+        if pending.aside is not None:
+            visual = torch.gather(pending.image_mask, 1, packed.index.clamp(min=0)) & (packed.index >= 0)
+            self._adapter_ctx = AdapterContext(
+                *pending.aside, visual=visual, real=packed.attention_mask.bool()
+            )
         engine = self.engine
         layer_counts = None
         if engine is not None:
             visual = torch.gather(pending.image_mask, 1, packed.index.clamp(min=0)) & (packed.index >= 0)
-            engine.begin_prefill(visual, packed.attention_mask, real_out, pending.visual_kept)
+            engine.begin_prefill(visual, packed.attention_mask, real_out, pending.visual_kept, pending.replay)
             for probe in self.text_probes.values():
-                probe.active = True
+                probe.active = pending.replay is None  # a reused decision needs no attention
             try:
                 out = original(**kwargs)
             finally:
@@ -306,21 +649,92 @@ class Pruner:
                     probe.active = False
                     probe.clear()
             layer_counts = engine.visual_counts()
+            if self._call is not None and self._call.decisions is None:
+                self._call.decisions = list(engine.decisions)  # the call's first prefill
         else:
             out = original(**kwargs)
         self._last_raw = (pending, packed.index, real_out, layer_counts)
+        # An in-LLM plan returns only the tokens that reached the last layer: their LM-input columns.
+        self._out_cols = engine.layer_index[-1] if engine is not None and engine.layer_index else None
         self._last = None
         cache = getattr(out, "cache", None)
         self._prefix = None
         if cache is not None:
             self._prefix = Prefix(
-                weakref.ref(cache),
+                weakref.ref(self),
                 orig_len=pending.keep.shape[1],
                 kept_len=packed.inputs_embeds.shape[1],
                 mask=packed.attention_mask,
                 shift=packed.shift,
+                layer_masks=list(engine.prompt_masks) if engine is not None else None,
+                aside=pending.aside,
             )
+            self._prefix.attach(cache)  # the cache now reports its length in original coordinates
         return out
+
+    # ----------------------------------------------------------------------------------- labels, loss
+    def _model_forward(self, original, *args, **kwargs):
+        """The model's own forward. Its ``logits`` cover the columns the language model returned (see
+        :class:`~vtprune.runtime.selection.SampleSelection`, ``output_columns``); ``labels`` are given in
+        original coordinates, so after a pruned prefill the loss is computed here, over those columns, each
+        predicting the label of the next token the language model saw (as the unwrapped model computes it
+        on the kept sequence)."""
+        if not args and kwargs.get("labels") is None:
+            return original(**kwargs)
+        kwargs = _bind(original, args, kwargs)
+        labels = kwargs.get("labels")
+        if labels is None:
+            return original(**kwargs)
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.model.config, "return_dict", True)
+        before = self._last_raw
+        out = original(**(kwargs | {"labels": None}), return_dict=True)
+        named = {
+            name
+            for name, p in inspect.signature(original).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        }
+        loss_kwargs = {k: v for k, v in kwargs.items() if k not in named}  # what the model hands its loss
+        logits = out.logits
+        if self._last_raw is not before:  # this forward pruned its prompt
+            if loss_kwargs.get("shift_labels") is not None:
+                raise UsageError(
+                    "pass labels (original coordinates) to a wrapped model, not shift_labels: vtprune shifts "
+                    "them to the tokens the language model kept"
+                )
+            input_ids = kwargs.get("input_ids")
+            if input_ids is not None and tuple(labels.shape) != tuple(input_ids.shape):
+                raise UsageError(
+                    f"labels have shape {tuple(labels.shape)} but input_ids {tuple(input_ids.shape)}: pass one "
+                    "label per prompt token (original coordinates, -100 where no loss is wanted)"
+                )
+            shifted = self._next_token_labels(labels.to(logits.device))[:, -logits.shape[1] :]
+            loss_kwargs["shift_labels"] = shifted
+            labels = shifted
+        loss = self.model.loss_function(
+            logits=logits, labels=labels, vocab_size=logits.shape[-1], **loss_kwargs
+        )
+        out = type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+        return out if return_dict else out.to_tuple()
+
+    def _output_index(self, index: torch.Tensor) -> torch.Tensor:
+        """``(batch, K_out)`` original column of each column the latest prefill returned, -1 at padding."""
+        if self._out_cols is None:
+            return index
+        return take_columns(index, self._out_cols.to(index.device), -1)
+
+    def _next_token_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """``(batch, K_out)``: for each column the latest prefill returned, the label (original coordinates
+        ``labels``) of the next token the language model saw; -100 after the last token and at padding."""
+        _, index, _, _ = self._last_raw
+        index = index.to(labels.device)
+        seen = take_columns(labels, index, -100)  # the label of every LM-input column
+        nxt = torch.nn.functional.pad(seen[:, 1:], (0, 1), value=-100)
+        nxt = nxt.masked_fill(index < 0, -100)  # nothing is predicted from padding
+        if self._out_cols is not None:
+            nxt = take_columns(nxt, self._out_cols.to(labels.device), -100)
+        return nxt
 
     @property
     def last(self) -> list[SampleSelection] | None:
@@ -328,6 +742,7 @@ class Pruner:
         access, so that the forward pass itself never waits for the GPU)."""
         if self._last is None and self._last_raw is not None:
             pending, index, real_out, layer_counts = self._last_raw
+            output = self._output_index(index)
             kept_visual = kept_visual_indices(pending.keep, pending.image_mask)
             n_layers = len(self.family.decoder_layers)
             per_layer = layer_counts.tolist() if layer_counts is not None else None
@@ -335,6 +750,7 @@ class Pruner:
                 SampleSelection(
                     kept_visual=kept_visual[b],
                     kept_columns=index[b][index[b] >= 0].cpu(),
+                    output_columns=output[b][output[b] >= 0].cpu(),
                     visual_in=pending.visual_in[b],
                     visual_out=pending.visual_kept[b],
                     tokens_in=pending.real_in[b],
@@ -346,6 +762,15 @@ class Pruner:
                 for b in range(len(real_out))
             ]
         return self._last
+
+
+def _restack(kwargs: dict, mm: dict) -> None:
+    """Give the model back the one stacked tensor its encoder returned, where the vision hook handed out its
+    rows as a list (a copy of the encoder output: the caller's keeps its rows for later steps and beams)."""
+    image = mm.get("image")
+    if getattr(image, "_vtprune_stacked", False) and not isinstance(image.pooler_output, torch.Tensor):
+        mm["image"] = dataclasses.replace(image, pooler_output=torch.stack(list(image.pooler_output)))
+        kwargs["mm_encoder_outputs"] = mm
 
 
 def _per_sample(per_image: list[int], sizes: list[int], visual_in: list[int]) -> list[int]:
@@ -365,6 +790,12 @@ def _per_sample(per_image: list[int], sizes: list[int], visual_in: list[int]) ->
     return out
 
 
-def _passthrough_mask(*, attention_mask=None, **_):
-    """Keep generate()'s 2-D mask: the language model forward translates it and builds the 4-D one."""
-    return attention_mask
+def _rewrap(model: nn.Module, config) -> nn.Module:
+    """Unpickling (and ``copy.copy``) of a wrapped model: wrap the restored unpatched model again."""
+    Pruner(model, config).attach()
+    return model
+
+
+def get_pruner_of(model: nn.Module) -> Pruner:
+    """Unpickling of a Pruner: the one its (re-wrapped) model carries."""
+    return model.__dict__["_vtprune"]

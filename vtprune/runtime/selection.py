@@ -34,11 +34,19 @@ class SampleSelection:
 
     Attributes:
         kept_visual: indices (ascending) into this sample's visual tokens of the tokens kept.
-        kept_columns: indices (ascending) into the original prompt of every token the LLM saw.
+        kept_columns: indices (ascending) into the original prompt of every token the LLM saw (its
+            first decoder layer): the prompt's columns that the prefill's cache holds.
         visual_in / visual_out: visual tokens before / after pruning.
         tokens_in / tokens_out: prompt tokens (padding excluded) before / after pruning before the LLM.
         layer_visual: visual tokens each decoder layer processed at prefill (for in-LLM methods this
             falls layer by layer; FLOPs are counted from it).
+        output_columns: indices (ascending) into the original prompt of the tokens whose logits (and last
+            hidden states) the prefill's forward returned: ``kept_columns``, less the visual tokens an
+            in-LLM method dropped before the last decoder layer. A wrapped model's ``logits`` have one
+            column per such token, right-aligned per sample (``logits[b, -n:]`` with
+            ``n = len(output_columns)``; the columns before are padding), so that ``logits[:, -1]`` is
+            always the last prompt token and the last ``k`` columns are the last ``k`` prompt tokens when
+            those are text (an answer being scored).
     """
 
     kept_visual: torch.Tensor
@@ -48,6 +56,7 @@ class SampleSelection:
     tokens_in: int
     tokens_out: int
     layer_visual: list[int]
+    output_columns: torch.Tensor | None = None
 
     @property
     def exit_layer(self) -> int | None:

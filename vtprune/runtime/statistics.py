@@ -14,14 +14,13 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UsageError
+from ..kernels.received_attention import received_attention as received_attention_kernel
 
 __all__ = ["Statistic", "register_statistic", "get_statistic", "available_statistics", "apply_mask"]
 
 # (query (B, H, Q, D), key (B, H, K, D) with as many heads as query, additive/bool mask or None, scale)
 Statistic = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor]
 _STATISTICS: dict[str, Statistic] = {}
-
-_QUERY_CHUNK = 1024  # rows of the softmax materialised at once by row-summing statistics
 
 
 def register_statistic(name: str) -> Callable[[Statistic], Statistic]:
@@ -77,13 +76,9 @@ def last_query_attention(query, key, mask, scale) -> torch.Tensor:
 
 @register_statistic("received")
 def received_attention(query, key, mask, scale) -> torch.Tensor:
-    """Attention each key *receives*, averaged over heads and queries: ``(batch, keys)``."""
-    seq = query.shape[2]
-    received = torch.zeros(query.shape[0], query.shape[1], key.shape[2], device=query.device)
-    kt = key.float().transpose(-1, -2)
-    for start in range(0, seq, _QUERY_CHUNK):
-        rows = slice(start, min(start + _QUERY_CHUNK, seq))
-        logits = torch.matmul(query[:, :, rows].float(), kt) * scale
-        logits = apply_mask(logits, mask, rows=rows)
-        received += logits.softmax(-1).sum(dim=2)
-    return received.mean(dim=1) / seq
+    """Attention each key *receives*, averaged over heads and queries: ``(batch, keys)``.
+
+    The fused Triton kernel on CUDA, the byte-chunked torch twin elsewhere
+    (:mod:`vtprune.kernels.received_attention`): neither materialises the ``queries x keys`` matrix.
+    """
+    return received_attention_kernel(query, key, mask, scale)
