@@ -4,6 +4,7 @@ LLaVA-1.5 and Qwen2-VL, 576 visual tokens each)."""
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ __all__ = [
     "count_flops",
     "flop_counter",
     "format_table",
+    "layer_throughput",
     "time_prefill",
     "time_generate",
     "prefill_speedups",
@@ -192,6 +194,51 @@ def prefill_speedups(
         row.speedup = base / row.median_s
         if row.flops:
             row.ideal = rows[0].flops / row.flops
+    return rows
+
+
+def layer_throughput(model, token_counts, repeats: int = 5, clock: str = "wall") -> list[dict]:
+    """Throughput of one decoder layer of ``model``'s language model against the tokens per forward.
+
+    Runs decoder layer 0 alone (batch 1, a causal prefill of ``n`` random hidden states, no cache) for each
+    ``n`` in ``token_counts``; FLOPs are counted by :func:`flop_counter`. Rows: ``tokens``, ``ms`` (median),
+    ``gflops`` (per forward), ``gflop_s``, and ``relative`` (throughput over the best one measured): the
+    share of the FLOPs ratio a pruned forward can realise at that size, since weights are read whatever the
+    token count."""
+    family = get_family(model)
+    layer = family.decoder_layers[0]
+    lm = family.language_model
+    dims = family.text_dims()
+    param = next(layer.parameters())
+    rows = []
+    with torch.inference_mode():
+        for n in token_counts:
+            hidden = torch.randn(1, n, dims.hidden, device=param.device, dtype=param.dtype)
+            position_ids = torch.arange(n, device=param.device)[None]
+            if getattr(lm.config, "model_type", "") in ("qwen2_vl", "qwen2_vl_text"):
+                position_ids = position_ids.expand(3, 1, n)
+            embeddings = lm.rotary_emb(hidden, position_ids)
+            mask = torch.ones(n, n, dtype=torch.bool, device=param.device).tril()[None, None]
+
+            run = functools.partial(
+                layer, hidden, attention_mask=mask, position_embeddings=embeddings, position_ids=position_ids
+            )
+            run()
+            with flop_counter() as counter:
+                run()
+            times = []
+            for _ in range(repeats):
+                _sync(param.device)
+                start = CLOCKS[clock]()
+                run()
+                _sync(param.device)
+                times.append(CLOCKS[clock]() - start)
+            ms = 1e3 * statistics.median(times)
+            gflops = counter.get_total_flops() / 1e9
+            rows.append({"tokens": n, "ms": ms, "gflops": gflops, "gflop_s": gflops / ms * 1e3})
+    best = max(r["gflop_s"] for r in rows)
+    for r in rows:
+        r["relative"] = r["gflop_s"] / best
     return rows
 
 

@@ -242,6 +242,10 @@ def received_attention_triton(
         else:
             raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
         mstrides = m.stride()
+    if _INTERPRETED and torch.bfloat16 in (query.dtype, key.dtype):
+        # Triton's interpreter computes bf16 tl.dot wrongly (a 16x16 bf16 product is off by ~1e10 in triton
+        # 3.9; fp16 is exact): on CPU read bf16 in fp32. GPUs run the native bf16 path (tested there).
+        query, key = query.float(), key.float()
     block_m, block_n, block_d, num_warps = _blocks(dim)
     ieee = not (query.dtype == key.dtype and query.dtype in (torch.float16, torch.bfloat16))
     lse = torch.empty(batch * heads, n_q, dtype=torch.float32, device=query.device)

@@ -170,10 +170,6 @@ def received_attention(
     _check(query, key, mask)
     if _resolve_backend(backend, (query, key)) == "torch":
         return received_attention_torch(query, key, mask, scale)
-    if query.dtype in (torch.float16, torch.bfloat16):
-        # The kernel's half-precision path disagrees with the exact computation (tests/test_received_attention.py,
-        # test_kernel_half_inputs, xfail): read half inputs in fp32 until it is fixed, never a wrong score.
-        query, key = query.float(), key.float()
     return _triton_module().received_attention_triton(query, key, mask, scale)
 
 

@@ -73,7 +73,9 @@ class CrossLMMConfig(PoolConfig):
     def validate(self) -> None:
         super().validate()
         if self.adapters is not None and not isinstance(self.adapters, (str, Path, CrossLMMAdapters)):
-            raise UsageError(f"adapters must be a folder path or None, got {self.adapters!r}")
+            raise UsageError(
+                f"adapters must be a folder path, a CrossLMMAdapters or None, got {self.adapters!r}"
+            )
 
 
 class CrossAttention(nn.Module):
