@@ -137,3 +137,20 @@ def test_budget_modes_are_the_familys():
         vtprune.wrap(model, "fastervlm", keep_ratio=0.5, budget="image")
         model(**inputs)
     assert [s.visual_out for s in vtprune.get_pruner(model).last] == [8, 8]
+
+
+def test_feature_layer_zero_and_full_strategy_are_handled_clearly():
+    model = tiny_llava()
+    model.config.vision_feature_layer = (
+        0  # hidden_states[0]: the patch embeddings, no attention produced them
+    )
+    with pytest.raises(vtprune.UsageError, match="patch embeddings"):
+        vtprune.wrap(model, "fastervlm")
+    assert not vtprune.is_wrapped(model)
+    vtprune.wrap(model, "fastervlm", vision_layer=1)  # an explicit layer is fine
+    vtprune.unwrap(model)
+    model = tiny_llava()
+    model.config.vision_feature_select_strategy = "full"  # [CLS] is a visual token: nothing needs refusing
+    for config in ({"method": "static_exit", "layer": 1}, {"method": "fastv", "layer": 1}, "fastervlm"):
+        vtprune.wrap(model, config)
+        vtprune.unwrap(model)
