@@ -126,7 +126,7 @@ def _shared_model():
     return _MODEL["m"]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(st.integers(6, 110), st.integers(6, 110)), min_size=1, max_size=3), st.integers(0, 99)
 )

@@ -97,7 +97,7 @@ def test_the_default_inputs_cover_interpolation_and_a_single_crop():
 _MODEL = {}
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(st.integers(6, 110), st.integers(6, 110)), min_size=1, max_size=3),
     st.sampled_from(["anyres_max_1", "anyres_max_2", "anyres_max_9"]),

@@ -154,7 +154,7 @@ def test_a_killed_psigmoid_search_resumes_to_the_same_result(tmp_path):
 
     def run(path, objective):
         log = TrialLog(path, {"objective": "synthetic"}, objective, cost)
-        return psigmoid_search(log.evaluate, space, 0.5, cost, trials=6, seed=3, startup=3), log
+        return psigmoid_search(log.evaluate, space, 0.5, cost, trials=5, seed=3, startup=3), log
 
     full, _ = run(None, score)
     path = tmp_path / "trials.jsonl"
@@ -239,7 +239,7 @@ def test_accuracy_needs_labels():
 
 def test_cli_gsearch_on_the_toy_model_writes_a_schedule_the_method_loads_and_resumes(tmp_path, capsys):
     out = tmp_path / "gs"
-    args = ["search", "gsearch", "--samples", "24", "--batch-size", "24", "--grid", "4", "--out", str(out)]
+    args = ["search", "gsearch", "--samples", "8", "--batch-size", "8", "--grid", "4", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     summary = json.loads((out / "search.json").read_text())
     assert {p.name for p in out.iterdir()} >= {"schedule.json", "search.json", "summary.md", "trials.jsonl"}
@@ -256,6 +256,11 @@ def test_cli_gsearch_on_the_toy_model_writes_a_schedule_the_method_loads_and_res
     vtprune.wrap(model, "schedule", path=str(out / "schedule.json"))
     assert vtprune.get_pruner(model).parts.plan.keep == keep
     vtprune.unwrap(model)
+    from vtprune.eval.harness import parse_settings
+
+    file = str(out / "schedule.json")
+    assert parse_settings([file]) == [summary["schedule"]]
+    assert parse_settings([f"schedule:path={file}"]) == [{"method": "schedule", "path": file}]
 
 
 def test_cli_psigmoid_meets_the_budget_and_refuses_bad_input(tmp_path, capsys):

@@ -143,3 +143,11 @@ def test_bench_prefill_cli(monkeypatch, tmp_path, capsys):
     ]
     for row in report["prefill"]:
         assert math.isclose(row["realised_vs_ideal"], row["speedup"] / row["ideal"])
+
+
+def test_layer_throughput_rows():
+    model = TINY_FAMILIES["qwen2_vl"].build()
+    rows = speed.layer_throughput(model, [4, 16], repeats=1, clock="cpu")
+    assert [r["tokens"] for r in rows] == [4, 16]
+    assert rows[1]["gflops"] > rows[0]["gflops"] > 0
+    assert max(r["relative"] for r in rows) == 1.0

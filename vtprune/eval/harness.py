@@ -118,7 +118,8 @@ def parse_settings(specs: list[str]) -> list[dict]:
         found = []
         if spec.startswith("{"):
             found.append(_load_json(spec, spec))
-        elif spec.endswith(".json"):
+        elif spec.endswith(".json") and (":" not in spec or Path(spec).expanduser().is_file()):
+            # "schedule:path=s.json" is a method spec whose option names a file, not a settings file
             path = Path(spec).expanduser()
             if not path.is_file():
                 raise UsageError(f"setting {spec!r}: no such JSON file")
