@@ -226,6 +226,10 @@ def syncs(out: str, dry_run: bool) -> int:
                     finally:
                         if not dry_run:
                             torch.cuda.set_sync_debug_mode(0)
+                    # the cache holds the prompt and one step now: refill it so the step is replayed at the
+                    # same position (a static cache sized for max_new_tokens has no room for a third write)
+                    calls[0]["cache"].reset()
+                    model(**calls[0])
                     step = calls[1] | {"attention_mask": prepare(**masks[-1])}
                     explanation = torch._dynamo.explain(model)(**step)
                 row["graph_breaks"] = explanation.graph_break_count

@@ -21,7 +21,7 @@ LAYERS = [
     {"runtime"},
     {"methods", "integrations"},
     {"api", "__init__"},
-    {"speed", "testing", "tune", "toy", "eval"},
+    {"speed", "testing", "tune", "toy", "eval", "viz"},
     {"cli"},
 ]
 RANK = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}

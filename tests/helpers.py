@@ -46,6 +46,23 @@ def image_features_per_sample(model, inputs) -> list[torch.Tensor]:
     return per_sample
 
 
+def deepstack_features_per_sample(model, inputs) -> list[list[torch.Tensor]] | None:
+    """Qwen3-VL: per deepstack layer, per sample, the ``(visual tokens, hidden)`` deepstack features of the
+    unwrapped model's image encoding (images concatenated in placeholder order); None for models without
+    deepstack."""
+    import inspect
+
+    encode = model.model.get_image_features
+    encode_kwargs = {k: inputs[k] for k in inspect.signature(encode).parameters if k in inputs}
+    with torch.no_grad():
+        out = encode(**encode_kwargs, return_dict=True)
+    levels = getattr(out, "deepstack_features", None)
+    if levels is None:
+        return None
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(-1).tolist()
+    return [list(torch.cat(level).split(counts)) for level in levels]
+
+
 # Families whose multimodal forward takes pre-encoded image features as one stacked tensor (InternVL's tiles).
 STACKED_FEATURES = {"internvl"}
 
@@ -58,6 +75,7 @@ def kept_reference_inputs(model, inputs, selection, contiguous: bool, kept_featu
     e.g. pooled features); default: the model's own features of those tokens.
     """
     feats = image_features_per_sample(model, inputs)
+    deepstack = deepstack_features_per_sample(model, inputs)
     positions = full_positions(model, inputs)
     batch = inputs["input_ids"].shape[0]
     width = max(len(s.kept_columns) for s in selection)
@@ -74,11 +92,21 @@ def kept_reference_inputs(model, inputs, selection, contiguous: bool, kept_featu
         kept_feats.append(feat[sel.kept_visual] if kept_features is None else kept_features[b])
     if model.config.model_type in STACKED_FEATURES:  # the forward takes one (images, tokens, hidden) tensor
         kept_feats = torch.cat(kept_feats)[None]
+    encoded = BaseModelOutputWithPooling(pooler_output=kept_feats)
+    if deepstack is not None:  # Qwen3-VL: the deepstack rows of the kept tokens (a transform's anchors)
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        encoded = BaseModelOutputWithDeepstackFeatures(
+            pooler_output=kept_feats,
+            deepstack_features=[
+                [level[b][sel.kept_visual] for b, sel in enumerate(selection)] for level in deepstack
+            ],
+        )
     out = {
         "input_ids": ids,
         "attention_mask": mask,
         "position_ids": pos,
-        "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=kept_feats)},
+        "mm_encoder_outputs": {"image": encoded},
     }
     if "mm_token_type_ids" in inputs:
         image_token = model.config.image_token_id
@@ -193,12 +221,17 @@ def capture_language_model_inputs(model, inputs) -> dict:
             model(**inputs)
     finally:
         handle.remove()
-    return {k: seen[k] for k in ("inputs_embeds", "attention_mask", "position_ids")}
+    out = {k: seen[k] for k in ("inputs_embeds", "attention_mask", "position_ids")}
+    if seen.get("deepstack_visual_embeds") is not None:  # Qwen3-VL
+        out["deepstack"] = (seen["visual_pos_masks"], list(seen["deepstack_visual_embeds"]))
+    return out
 
 
-def masked_layers_forward(model, embeds, mask2d, position_ids, alive) -> torch.Tensor:
+def masked_layers_forward(model, embeds, mask2d, position_ids, alive, deepstack=None) -> torch.Tensor:
     """Logits of the language model where layer ``l`` attends only to keys ``alive[l]`` (B, L) - the
-    masking counterpart of dropping tokens between layers (no gathering, no cache)."""
+    masking counterpart of dropping tokens between layers (no gathering, no cache). ``deepstack``:
+    ``(visual_pos_masks (B, L), [rows per layer])`` added after the first layers at every visual position
+    (Qwen3-VL); tokens dropped later got theirs too, but no later layer reads them."""
     lm = model.model.language_model
     batch, seq = mask2d.shape
     neg = torch.finfo(embeds.dtype).min
@@ -213,6 +246,9 @@ def masked_layers_forward(model, embeds, mask2d, position_ids, alive) -> torch.T
             h = layer(
                 h, attention_mask=mask4d, position_embeddings=pos_emb, position_ids=text_pos, cache=None
             )
+            if deepstack is not None and deepstack[1]:
+                h = h.clone()
+                h[deepstack[0]] += deepstack[1].pop(0).to(h.dtype)
         return model.lm_head(lm.norm(h)).float()
 
 
@@ -230,6 +266,7 @@ def alive_per_layer(engine, batch: int, seq: int) -> list[torch.Tensor]:
 
 def greedy_masked_no_cache(model, lm_inputs, alive, steps) -> tuple[torch.Tensor, list[torch.Tensor]]:
     embeds, mask, pos = lm_inputs["inputs_embeds"], lm_inputs["attention_mask"], lm_inputs["position_ids"]
+    deepstack = lm_inputs.get("deepstack")
     if mask is None:
         mask = torch.ones(embeds.shape[:2], dtype=torch.long)
     if pos is None:
@@ -237,7 +274,8 @@ def greedy_masked_no_cache(model, lm_inputs, alive, steps) -> tuple[torch.Tensor
     embed_tokens = model.get_input_embeddings()
     tokens, logits = [], []
     for _ in range(steps):
-        step_logits = masked_layers_forward(model, embeds, mask, pos, alive)[:, -1]
+        step = None if deepstack is None else (deepstack[0], list(deepstack[1]))
+        step_logits = masked_layers_forward(model, embeds, mask, pos, alive, step)[:, -1]
         nxt = step_logits.argmax(-1)
         tokens.append(nxt)
         logits.append(step_logits)
@@ -246,6 +284,8 @@ def greedy_masked_no_cache(model, lm_inputs, alive, steps) -> tuple[torch.Tensor
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], -1)
         pos = torch.cat([pos, pos[..., -1:] + 1], -1)
         alive = [torch.cat([a, torch.ones_like(a[:, :1])], -1) for a in alive]
+        if deepstack is not None:  # the generated token is no visual position
+            deepstack = (torch.cat([deepstack[0], torch.zeros_like(deepstack[0][:, :1])], -1), deepstack[1])
     return torch.stack(tokens, 1), logits
 
 

@@ -122,3 +122,70 @@ def test_decode_step_has_no_graph_break(family, setting):
     assert not in_vtprune, "\n".join(in_vtprune)
     assert explanation.graph_break_count == 0, "\n".join(reasons)
     assert explanation.graph_count == 1
+
+
+def _lm_lengths(model):
+    """Sequence lengths the first decoder layer receives (the compact prefill first)."""
+    lengths = []
+    layer = vtprune.get_pruner(model).family.decoder_layers[0]
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: lengths.append((a[0] if a else kw["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    return lengths, hook
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"method": "fastervlm", "keep_ratio": 0.3},
+        {"method": "fastv", "layer": 1, "keep_ratio": 0.3},  # the drop inside the LLM is padded too
+    ],
+    ids=lambda s: s["method"],
+)
+def test_pad_to_multiple_of_buckets_the_prefill_and_keeps_the_answer(setting):
+    """Prompts of different lengths meet one prefill shape (a compiled model reuses its graph), and the
+    masked padding changes no generated token."""
+    from vtprune.testing import llava_inputs
+
+    model, _ = _build("llava")
+    shapes = {}
+    for multiple in (None, 20):
+        config = setting | ({"pad_to_multiple_of": multiple} if multiple else {})
+        outs, seen = [], []
+        for text in ((5, 9), (7, 12)):
+            inputs = llava_inputs(model, text_lengths=text)
+            vtprune.wrap(model, config)
+            lengths, hook = _lm_lengths(model)
+            engine = vtprune.get_pruner(model).engine
+            try:
+                with torch.no_grad():
+                    outs.append(model.generate(**inputs, max_new_tokens=3, do_sample=False))
+                # the shortened sequences: the compact prefill, or the rows left after an in-LLM drop
+                short = [int(i.shape[1]) for i in engine.layer_index if i is not None] if engine else []
+            finally:
+                hook.remove()
+                vtprune.unwrap(model)
+            seen.append(tuple(short) if engine else (lengths[0],))
+        shapes[multiple] = seen
+        if multiple is None:
+            plain = outs
+        else:
+            for got, want in zip(outs, plain):
+                assert torch.equal(got, want)
+    assert shapes[None][0] != shapes[None][1]  # without padding each prompt is its own shape
+    assert shapes[20][0] == shapes[20][1] and all(n % 20 == 0 for n in shapes[20][0])
+
+
+def test_pad_to_multiple_of_is_validated_and_travels_with_the_config():
+    with pytest.raises(vtprune.UsageError, match="pad_to_multiple_of"):
+        vtprune.FasterVLMConfig(pad_to_multiple_of=0)
+    config = vtprune.FastVConfig(layer=1, pad_to_multiple_of=64)
+    assert vtprune.PruneConfig.from_dict(config.to_dict()) == config
+    assert "pad_to_multiple_of" not in vtprune.FastVConfig().to_dict()
+    model, _ = _build("llava")
+    with pytest.raises(vtprune.UsageError, match="different pad_to_multiple_of"):
+        vtprune.wrap(
+            model,
+            [{"method": "fastervlm", "pad_to_multiple_of": 8}, {"method": "fastv", "pad_to_multiple_of": 16}],
+        )
+    assert not vtprune.is_wrapped(model)

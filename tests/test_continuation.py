@@ -95,6 +95,7 @@ def _reference(model, snap: _Snapshot, turns) -> list[tuple[torch.Tensor, list[t
     ref = kept_reference_inputs(model, snap.inputs, snap.selection, snap.contiguous)
     lm = capture_language_model_inputs(model, ref)
     embeds, mask, pos, alive = lm["inputs_embeds"], lm["attention_mask"], lm["position_ids"], snap.alive
+    deepstack = lm.get("deepstack")  # Qwen3-VL: added at the prompt's visual positions
     embed_tokens = model.get_input_embeddings()
     out, previous = [], None
     for appended, appended_mask, steps in turns:
@@ -107,9 +108,15 @@ def _reference(model, snap: _Snapshot, turns) -> list[tuple[torch.Tensor, list[t
             pos = torch.cat([pos, pos[..., -1:] + appended_mask.cumsum(-1)], -1)
             mask = torch.cat([mask, appended_mask], -1)
             alive = [torch.cat([a, torch.ones_like(appended_mask, dtype=torch.bool)], -1) for a in alive]
-        tokens, logits = greedy_masked_no_cache(
-            model, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}, alive, steps
-        )
+            if deepstack is not None:  # appended tokens are text
+                deepstack = (
+                    torch.cat([deepstack[0], torch.zeros_like(appended_mask, dtype=torch.bool)], -1),
+                    deepstack[1],
+                )
+        lm_inputs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos}
+        if deepstack is not None:
+            lm_inputs["deepstack"] = deepstack
+        tokens, logits = greedy_masked_no_cache(model, lm_inputs, alive, steps)
         out.append((tokens, logits))
         previous = tokens
     return out

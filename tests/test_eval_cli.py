@@ -60,7 +60,27 @@ def test_bad_setting_is_a_clear_cli_error(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1  # one line, no traceback
 
 
-def test_demo_on_the_shipped_toy_model(capsys):
-    assert main(["demo", "--samples", "8", "--ratios", "0.25", "--repeats", "1"]) == 0
+def test_demo_on_the_shipped_toy_model(capsys, monkeypatch):
+    from vtprune import speed
+    from vtprune.testing import tiny_llava
+
+    # the speed table's mid-size model, shrunk for the test (the table's shape is what is tested here)
+    monkeypatch.setattr(speed, "mid_llava", lambda: tiny_llava())
+    argv = ["demo", "--samples", "8", "--ratios", "0.25", "--repeats", "1", "--speed-ratios", "0.5"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "| fastervlm | 0.25 | 9 |" in out and "prefill" in out
+    assert "| fastervlm | 0.25 | 9 |" in out
+    lines = out.splitlines()
+    assert lines[0].startswith("Accuracy:") and any(line.startswith("Speed: prefill time") for line in lines)
+    rows = [line.split(" | ") for line in lines if line.startswith("| 1 |") or line.startswith("| 4 |")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("| 1", "unpruned"),
+        ("| 1", "fastervlm keep_ratio=0.5"),
+        ("| 4", "unpruned"),
+        ("| 4", "fastervlm keep_ratio=0.5"),
+    ]
+    for r in rows:  # realised and FLOPs-ideal speed-up side by side, both measured
+        assert r[4].endswith("x") and r[5].endswith("x")
+    assert (
+        rows[1][5] == rows[3][5] and float(rows[1][5][:-1]) > 1.0
+    )  # FLOPs ratios do not depend on the batch

@@ -95,12 +95,19 @@ def _beam_masked_no_cache(model, lm_inputs, alive, steps, beams, returned) -> to
     embeds, mask = embeds.repeat_interleave(beams, 0), mask.repeat_interleave(beams, 0)
     pos = pos.repeat_interleave(beams, pos.ndim - 2)
     alive = [a.repeat_interleave(beams, 0) for a in alive]
+    deepstack = lm_inputs.get("deepstack")  # Qwen3-VL: (visual mask, rows per level, row-major over the mask)
+    if deepstack is not None:
+        counts = deepstack[0].sum(-1).tolist()
+        levels = [torch.cat([p for p in rows.split(counts) for _ in range(beams)]) for rows in deepstack[1]]
+        # a sample's beams share its image, so reordering beams within a sample leaves these rows unchanged
+        deepstack = (deepstack[0].repeat_interleave(beams, 0), levels)
     scores = torch.zeros(batch, beams)
     scores[:, 1:] = -1e9  # the first step expands beam 0 only
     tokens = torch.zeros(batch * beams, 0, dtype=torch.long)
     embed_tokens = model.get_input_embeddings()
     for _ in range(steps):
-        logp = masked_layers_forward(model, embeds, mask, pos, alive)[:, -1].log_softmax(-1)
+        step = None if deepstack is None else (deepstack[0], list(deepstack[1]))
+        logp = masked_layers_forward(model, embeds, mask, pos, alive, step)[:, -1].log_softmax(-1)
         vocab = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(batch, beams * vocab)
         scores, flat = cand.topk(beams, dim=-1)
@@ -113,6 +120,8 @@ def _beam_masked_no_cache(model, lm_inputs, alive, steps, beams, returned) -> to
         pos = pos[..., rows, :]
         pos = torch.cat([pos, pos[..., -1:] + 1], -1)
         alive = [torch.cat([a[rows], torch.ones_like(a[:, :1])], -1) for a in alive]
+        if deepstack is not None:  # the generated token is no visual position
+            deepstack = (torch.cat([deepstack[0], torch.zeros_like(deepstack[0][:, :1])], -1), deepstack[1])
     return tokens.reshape(batch, beams, steps)[:, :returned].reshape(batch * returned, steps)
 
 
@@ -127,6 +136,7 @@ def test_generate_equals_no_cache_reference(seed, tmp_path):
     configs = [METHOD_CASES[name][0](model, tmp_path) for name in case.parts]
     vtprune.wrap(model, configs if len(configs) > 1 else configs[0])
     contiguous = vtprune.get_pruner(model).contiguous
+    calls = matrix._record_rows(vtprune.get_pruner(model), configs[0])  # a merging transform's rows
     seen, handle = _capture_first_prefill(model)
     extra = {"num_beams": case.beams, "num_return_sequences": case.returned}
     if case.cache == "static":
@@ -155,8 +165,9 @@ def test_generate_equals_no_cache_reference(seed, tmp_path):
         for r in range(1, k):
             assert torch.equal(selection[b * k + r].kept_columns, selection[b * k].kept_columns), case
             assert selection[b * k + r].layer_visual == selection[b * k].layer_visual, case
+    rows = matrix._recorded_rows(calls, selection)
     selection = selection[::k]
-    rows = None
+    rows = rows[::k] if rows is not None else None
     if case.parts[0] in getattr(matrix, "POOLING", ()):  # a transform's rows, placed independently
         rows = matrix._pooled_rows(model, inputs, selection, configs[0])
     ref = kept_reference_inputs(model, inputs, selection, contiguous, rows)

@@ -78,8 +78,14 @@ class _Reference:
             return
         alive = alive_per_layer(_Engine(layer_index), batch, width)
         lm = capture_language_model_inputs(model, ref)
+        deepstack = lm.get("deepstack")  # Qwen3-VL
         self.logits = masked_layers_forward(
-            model, lm["inputs_embeds"], lm["attention_mask"], lm["position_ids"], alive
+            model,
+            lm["inputs_embeds"],
+            lm["attention_mask"],
+            lm["position_ids"],
+            alive,
+            None if deepstack is None else (deepstack[0], list(deepstack[1])),
         )
         self.returned = alive[-1] & real
         shift = F.pad(self.mapped[:, 1:], (0, 1), value=-100).masked_fill(~self.returned, -100)

@@ -131,7 +131,9 @@ def test_family_token_grids():
     qwen = get_family(tiny_qwen2_vl())
     grid_thw = torch.tensor([[1, 8, 8], [1, 8, 12], [2, 8, 8]])
     units = [torch.zeros(16, 3), torch.zeros(24, 3), torch.zeros(32, 3)]
-    assert qwen.token_grids(units, {"image_grid_thw": grid_thw}) == [(4, 4), (4, 6), None]
+    # a video (t = 2) is its frames stacked; a count that disagrees with the grid has none
+    assert qwen.token_grids(units, {"image_grid_thw": grid_thw}) == [(4, 4), (4, 6), (8, 4)]
+    assert qwen.token_grids([torch.zeros(30, 3)], {"image_grid_thw": grid_thw[:1]}) == [None]
     base = type(llava).__mro__[1]  # Integration's default: a square count is a square grid
     assert base.token_grids(llava, [torch.zeros(9, 3), torch.zeros(10, 3)], {}) == [(3, 3), None]
 

@@ -34,14 +34,15 @@ def test_prefill_speedups_report_ideal_and_ratio(family, monkeypatch):
     order = []
     real = speed._time_once
 
-    def spy(model, inputs, clock):
-        order.append(getattr(model, "_vtprune", None) is not None)
-        return real(model, inputs, clock)
+    def spy(model, inputs, clock, run=speed._prefill):
+        order.append("encoder" if run is speed._encode else getattr(model, "_vtprune", None) is not None)
+        return real(model, inputs, clock, run)
 
     monkeypatch.setattr(speed, "_time_once", spy)
     settings = [{"method": "fastervlm", "keep_ratio": 0.25}, {"method": "static_exit", "layer": 2}]
     rows = speed.prefill_speedups(model, inputs, settings, repeats=2, clock="cpu")
-    assert order == [False, True, True] * 2  # interleaved: unpruned, then each setting, every repeat
+    # interleaved: unpruned, then each setting, then the encoder alone, every repeat
+    assert order == [False, True, True, "encoder"] * 2
     base, fastervlm, exit_ = rows
     assert (base.label, base.speedup, base.ideal, base.realised_vs_ideal) == ("unpruned", 1.0, 1.0, 1.0)
     for row in rows[1:]:
@@ -57,9 +58,18 @@ def test_prefill_speedups_report_ideal_and_ratio(family, monkeypatch):
         text, [exit_.visual_tokens * 2] * 2 + [0, 0], dims.hidden_size, dims.intermediate_size
     )
     assert exit_.llm_flops_ratio == pytest.approx(kept / full)
+    # the encoder-timed ideal: the encoder's measured time fixed, the rest shrinking with its FLOPs
+    enc = base.encoder
+    assert 0 < enc["time_share"] < 1 and 0 < enc["flops_share"] < 1
+    encoder_flops = enc["flops_share"] * base.flops
+    for row in rows:
+        rest = (row.flops - encoder_flops) / (base.flops - encoder_flops)
+        want = base.median_s / (enc["median_s"] + (base.median_s - enc["median_s"]) * rest)
+        assert row.ideal_timed_encoder == pytest.approx(want)
     table = speed.format_table(rows)
-    assert "| realised speed-up | ideal speed-up (FLOPs) | realised / ideal |" in table
-    assert len(table.splitlines()) == 2 + len(rows)
+    assert "| realised speed-up | ideal speed-up (FLOPs) | realised / ideal | ideal, encoder timed |" in table
+    assert len(table.splitlines()) == 2 + len(rows) + 2
+    assert "vision encoder (unpruned)" in table.splitlines()[-1]
 
 
 def test_prefill_speedups_without_flops():

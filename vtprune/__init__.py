@@ -8,14 +8,19 @@ vtprune.unwrap(model)                                        # original behaviou
 from .api import get_pruner, is_wrapped, unwrap, wrap
 from .config import PruneConfig, VisualTokenConfig, available_methods
 from .errors import UsageError
+from .methods.cdpruner import CDPrunerConfig
 from .methods.crosslmm import CrossLMMConfig
+from .methods.dart import DARTConfig
+from .methods.divprune import DivPruneConfig
 from .methods.dyvte import DyVTEConfig
 from .methods.fastervlm import FasterVLMConfig
 from .methods.fastv import FastVConfig
+from .methods.pdrop import PDropConfig
 from .methods.pool import PoolConfig
 from .methods.random import RandomConfig
 from .methods.schedule import ScheduleConfig
 from .methods.static_exit import StaticExitConfig
+from .methods.visionzip import VisionZipConfig
 from .registry import supported_model_types
 from .runtime.selection import SampleSelection
 
@@ -36,6 +41,11 @@ __all__ = [
     "PoolConfig",
     "CrossLMMConfig",
     "ScheduleConfig",
+    "DARTConfig",
+    "PDropConfig",
+    "VisionZipConfig",
+    "DivPruneConfig",
+    "CDPrunerConfig",
     "SampleSelection",
     "UsageError",
     "available_methods",

@@ -72,10 +72,20 @@ def check_ratio(name: str, value: Any) -> None:
 
 @dataclasses.dataclass
 class PruneConfig:
-    """Base of all method configs. A subclass sets ``method = "<name>"`` and is a dataclass."""
+    """Base of all method configs. A subclass sets ``method = "<name>"`` and is a dataclass.
+
+    Args:
+        pad_to_multiple_of: keyword-only, every method: left-pad the language model's shortened input (and
+            the shorter sequence after an in-LLM drop) to a multiple of this many tokens (at most the unpruned
+            length), so that a compiled model meets few distinct shapes across prompts and reuses its graphs.
+            The padding is masked: outputs equal the unpadded run's up to floating-point reordering. None
+            (default): no padding.
+    """
 
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
+
+    pad_to_multiple_of: int | None = dataclasses.field(default=None, kw_only=True)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -86,6 +96,7 @@ class PruneConfig:
             _CONFIGS[name] = cls
 
     def __post_init__(self) -> None:
+        check_int("pad_to_multiple_of", self.pad_to_multiple_of, minimum=1, optional=True)
         self.validate()
 
     def validate(self) -> None:
@@ -96,7 +107,10 @@ class PruneConfig:
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "version": self.version, **dataclasses.asdict(self)}
+        fields = dataclasses.asdict(self)
+        if fields["pad_to_multiple_of"] is None:  # an execution option: absent unless set
+            del fields["pad_to_multiple_of"]
+        return {"method": self.method, "version": self.version, **fields}
 
     def to_json(self, path: str | Path | None = None, **json_kwargs: Any) -> str:
         text = json.dumps(self.to_dict(), **({"indent": 2} | json_kwargs))

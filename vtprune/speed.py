@@ -5,6 +5,7 @@ LLaVA-1.5 and Qwen2-VL, 576 visual tokens each)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import statistics
 import time
 from dataclasses import dataclass
@@ -47,6 +48,10 @@ class PrefillResult:
         ideal: the FLOPs-ideal speed-up, the baseline's ``flops`` over this one (None without ``flops``).
         llm_flops_ratio: the language model's FLOPs against the unpruned one in FastV's convention
             (:mod:`vtprune.eval.flops`, the eval summary's ``flops_ratio``; vision encoder not counted).
+        ideal_timed_encoder: the ideal speed-up when the vision encoder's *measured* time is fixed and only
+            the rest of the prefill (the LLM, the probe, the logits) shrinks with its FLOPs: the FLOPs-ideal
+            speed-up assumes the encoder runs at the LLM's FLOP/s, which a ViT over thousands of patches may
+            not (None without ``flops``).
     """
 
     label: str
@@ -57,6 +62,8 @@ class PrefillResult:
     flops: float | None = None
     ideal: float | None = None
     llm_flops_ratio: float | None = None
+    ideal_timed_encoder: float | None = None
+    encoder: dict | None = None  # unpruned row: the encoder's median_s, time_share and flops_share
 
     @property
     def realised_vs_ideal(self) -> float | None:
@@ -76,12 +83,27 @@ def _prefill(model, inputs: dict):
     return model(**inputs, use_cache=True, logits_to_keep=1)
 
 
-def _time_once(model, inputs: dict, clock) -> float:
+def _time_once(model, inputs: dict, clock, run=_prefill) -> float:
     _sync(model.device)
     start = clock()
-    _prefill(model, inputs)
+    run(model, inputs)
     _sync(model.device)
     return clock() - start
+
+
+def _encode(model, inputs: dict):
+    """The vision encoder alone (and its projector), as the model's prefill runs it: the model's own
+    ``get_image_features`` (and ``get_video_features``...: every modality the family prunes whose input is
+    given) with the inputs it takes (pixel values, grids, image sizes)."""
+    base = get_family(model).base_model
+    out = None
+    for modality in get_family(model).modalities():
+        if inputs.get(modality.pixels) is None:
+            continue
+        encode = getattr(base, modality.encoder)
+        names = inspect.signature(encode).parameters
+        out = encode(**{k: v for k, v in inputs.items() if k in names and k != "input_ids"})
+    return out
 
 
 def time_prefill(model, inputs: dict, repeats: int = 5, warmup: int = 1, clock: str = "wall") -> float:
@@ -123,11 +145,18 @@ def count_flops(model, inputs: dict) -> float:
     return float(counter.get_total_flops())
 
 
-def _label(setting: dict) -> str:
+def _label(setting: dict | list) -> str:
+    if isinstance(setting, list):  # composed methods
+        return " + ".join(_label(part) for part in setting)
     return " ".join(
         [setting["method"]]
         + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items() if k != "method"]
     )
+
+
+def _copy(setting: dict | list):
+    """A fresh config dict (or list of them, composed) for ``wrap``."""
+    return [dict(p) for p in setting] if isinstance(setting, list) else dict(setting)
 
 
 def _llm_flops(model, text_tokens: int, layer_visual: list) -> float:
@@ -149,20 +178,25 @@ def prefill_speedups(
     :func:`flop_counter`: ``ideal`` is then the FLOPs-ideal speed-up and ``realised_vs_ideal`` the share of it
     the wall clock (or ``clock="cpu"``: CPU time) realised."""
     family = get_family(model)
-    n_visual = int((inputs["input_ids"][0] == family.image_token_id).sum())
+    n_visual = sum(int((inputs["input_ids"][0] == m.token_id).sum()) for m in family.modalities())
     n_prompt = (
         int(inputs["attention_mask"][0].sum()) if "attention_mask" in inputs else inputs["input_ids"].shape[1]
     )
     n_layers = len(family.decoder_layers)
     llm_full = _llm_flops(model, n_prompt - n_visual, [n_visual] * n_layers)
-    settings = [dict(s) for s in settings]
+    settings = [[dict(p) for p in s] if isinstance(s, list) else dict(s) for s in settings]
     rows = [PrefillResult("unpruned", float(n_visual), n_prompt, 0.0, 1.0, llm_flops_ratio=1.0)]
+    encoder_flops = None
     with torch.inference_mode():
         _prefill(model, inputs)  # warm-up
         if flops:
             rows[0].flops = count_flops(model, inputs)
+            _encode(model, inputs)
+            with flop_counter() as counter:
+                _encode(model, inputs)
+            encoder_flops = counter.get_total_flops()
         for setting in settings:
-            wrap(model, dict(setting))
+            wrap(model, _copy(setting))
             try:
                 _prefill(model, inputs)  # warm-up; its selection describes the setting
                 sel = get_pruner(model).last[0]
@@ -178,22 +212,34 @@ def prefill_speedups(
                 row.flops = flop_count
             rows.append(row)
     times: list[list[float]] = [[] for _ in rows]
+    encoder_times: list[float] = []
     with torch.inference_mode():
         for _ in range(repeats):
             for i, setting in enumerate([None, *settings]):
                 if setting is not None:
-                    wrap(model, dict(setting))
+                    wrap(model, _copy(setting))
                 try:
                     times[i].append(_time_once(model, inputs, CLOCKS[clock]))
                 finally:
                     if setting is not None:
                         unwrap(model)
+            if encoder_flops is not None:
+                encoder_times.append(_time_once(model, inputs, CLOCKS[clock], _encode))
     base = statistics.median(times[0])
     for row, ts in zip(rows, times):
         row.median_s = statistics.median(ts)
         row.speedup = base / row.median_s
         if row.flops:
             row.ideal = rows[0].flops / row.flops
+            encoder = statistics.median(encoder_times)
+            rest = (row.flops - encoder_flops) / (rows[0].flops - encoder_flops)
+            row.ideal_timed_encoder = base / (encoder + (base - encoder) * rest)
+    if encoder_flops is not None:
+        rows[0].encoder = {  # the unpruned encoder's share of the prefill: time vs FLOPs
+            "median_s": statistics.median(encoder_times),
+            "time_share": statistics.median(encoder_times) / base,
+            "flops_share": encoder_flops / rows[0].flops,
+        }
     return rows
 
 
@@ -440,16 +486,25 @@ def format_table(results: list[PrefillResult]) -> str:
     """Markdown table: realised speed-up beside the FLOPs-ideal one and their ratio."""
     lines = [
         "| setting | visual tokens / layer | LLM input tokens | prefill median (ms) | GFLOPs (counted) "
-        "| realised speed-up | ideal speed-up (FLOPs) | realised / ideal | LLM FLOPs ratio (FastV) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| realised speed-up | ideal speed-up (FLOPs) | realised / ideal | ideal, encoder timed "
+        "| realised / that | LLM FLOPs ratio (FastV) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         gflops = "" if r.flops is None else f"{r.flops / 1e9:.1f}"
         ideal = "" if r.ideal is None else f"{r.ideal:.2f}x"
         ratio = "" if r.realised_vs_ideal is None else f"{r.realised_vs_ideal:.2f}"
         llm = "" if r.llm_flops_ratio is None else f"{r.llm_flops_ratio:.2f}"
+        timed = "" if r.ideal_timed_encoder is None else f"{r.ideal_timed_encoder:.2f}x"
+        timed_ratio = "" if r.ideal_timed_encoder is None else f"{r.speedup / r.ideal_timed_encoder:.2f}"
         lines.append(
             f"| {r.label} | {r.visual_tokens:g} | {r.prompt_tokens} | {r.median_s * 1e3:.1f} | {gflops} "
-            f"| {r.speedup:.2f}x | {ideal} | {ratio} | {llm} |"
+            f"| {r.speedup:.2f}x | {ideal} | {ratio} | {timed} | {timed_ratio} | {llm} |"
+        )
+    encoder = results[0].encoder if results else None
+    if encoder:
+        lines.append(
+            f"\nvision encoder (unpruned): {encoder['median_s'] * 1e3:.1f} ms, {encoder['time_share']:.0%} of "
+            f"the prefill's time for {encoder['flops_share']:.0%} of its FLOPs"
         )
     return "\n".join(lines)

@@ -72,8 +72,47 @@ METHOD_CASES = {
         lambda m, p: {"method": "schedule", "keep": [1.0, 1.0, 0.5, 0.25]},
         {"keep": [1.0, 0.5, 0.75, 0.0]},
     ),
+    "pdrop": (lambda m, p: {"method": "pdrop", "layers": [1, 2], "ratio": 0.5}, {"layers": [2, 1]}),
+    "dart": (
+        lambda m, p: {"method": "dart", "layer": 2, "keep_ratio": 0.3, "pivot_image": 2, "pivot_text": 2},
+        {"pivot_image": -1},
+    ),
+    "visionzip": (
+        lambda m, p: {"method": "visionzip", "keep_ratio": 0.5, "contextual_ratio": 0.25},
+        {"contextual_ratio": 1.5},
+    ),
+    "divprune": (lambda m, p: {"method": "divprune", "keep_ratio": 0.3}, {"budget": ""}),
+    "cdpruner": (lambda m, p: {"method": "cdpruner", "keep_ratio": 0.3, "theta": 0.5}, {"theta": 1.0}),
 }
 FAMILIES = list(TINY_FAMILIES)
+
+# Methods whose transform merges tokens by the tower's scores: the reference places the rows the transform
+# wrote at this prefill (recorded; tests/test_baselines_selection.py checks those rows independently).
+RECORDED = {"visionzip"}
+
+
+def _record_rows(pruner, config) -> list:
+    """Record what the wrapped method's transform returns per prefill (a list of per-unit outputs)."""
+    calls = []
+    if config["method"] not in RECORDED:
+        return calls
+    inner = pruner.parts.transform
+
+    def recording(units):
+        out = inner(units)
+        calls.append(out)
+        return out
+
+    pruner.parts.transform = recording
+    return calls
+
+
+def _recorded_rows(calls, selection):
+    """Per sample, the rows the call's first prefill's transform wrote (units fill samples in order)."""
+    if not calls:
+        return None
+    rows = torch.cat([new for _, new in calls[0]])
+    return list(rows.split([sel.visual_out for sel in selection]))
 
 
 def test_every_registered_method_and_family_is_in_the_matrix():
@@ -100,9 +139,9 @@ def _pooled_rows(model, inputs, selection, config):
     return rows
 
 
-def _reference(model, inputs, selection, engine, contiguous, steps, config=None):
-    """Greedy tokens and logits of the unwrapped model on the kept tokens, masked per layer, no cache."""
-    rows = None
+def _reference(model, inputs, selection, engine, contiguous, steps, config=None, rows=None):
+    """Greedy tokens and logits of the unwrapped model on the kept tokens, masked per layer, no cache.
+    ``rows``: per sample, the rows a transform wrote at the kept visual tokens (default: the model's own)."""
     if config is not None and config["method"] in POOLING:
         rows = _pooled_rows(model, inputs, selection, config)
     ref = kept_reference_inputs(model, inputs, selection, contiguous, rows)
@@ -123,10 +162,12 @@ def test_generate_equals_no_cache_reference(family, method, attn, cache, tmp_pat
     steps = 4
     vtprune.wrap(model, config)
     pruner = vtprune.get_pruner(model)
+    calls = _record_rows(pruner, config)
     out = greedy_with_logits(model, inputs, steps, cache)
     selection, engine, contiguous = pruner.last, pruner.engine, pruner.contiguous
     vtprune.unwrap(model)
-    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps, config)
+    rows = _recorded_rows(calls, selection)
+    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps, config, rows)
     assert torch.equal(out.sequences[:, -steps:], ref_tokens)
     for got, want in zip(out.logits, ref_logits):
         torch.testing.assert_close(got.float(), want, atol=5e-5, rtol=1e-4)
@@ -212,10 +253,12 @@ def test_a_pre_llm_and_an_in_llm_method_compose(family, pre, inside, tmp_path):
     steps = 3
     vtprune.wrap(model, configs)
     pruner = vtprune.get_pruner(model)
+    calls = _record_rows(pruner, configs[0])
     out = greedy_with_logits(model, inputs, steps, "dynamic")
     selection, engine, contiguous = pruner.last, pruner.engine, pruner.contiguous
     vtprune.unwrap(model)
-    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps, configs[0])
+    rows = _recorded_rows(calls, selection)
+    ref_tokens, ref_logits = _reference(model, inputs, selection, engine, contiguous, steps, configs[0], rows)
     assert torch.equal(out.sequences[:, -steps:], ref_tokens)
     for got, want in zip(out.logits, ref_logits):
         torch.testing.assert_close(got.float(), want, atol=5e-5, rtol=1e-4)

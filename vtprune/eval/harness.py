@@ -106,43 +106,105 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def parse_settings(specs: list[str]) -> list[dict]:
+def parse_settings(specs: list[str]) -> list[dict | list[dict]]:
     """``["none", "fastervlm:keep_ratio=0.5,0.25", "static_exit:layer=2,4"]`` -> config dicts (cartesian
     product over comma-separated values). A spec may also be a JSON object or a path to a JSON file.
 
+    Composition: ``"fastervlm:keep_ratio=0.5,0.25+fastv:layer=2"`` joins method specs with ``+`` (a pre-LLM
+    method then an in-LLM one); it gives one composed setting - a list of config dicts, run as
+    ``vtprune.wrap(model, [cfg_a, cfg_b])`` - per combination of the parts' values (here two). A ``+`` starts
+    a new part only where a registered method name follows it (a ``+`` inside a value, e.g. a path, stays).
+    A JSON list of config objects (inline or in a file) is a composed setting too.
+
     Every setting is validated here (``PruneConfig.from_dict``), not after an hour of running; a bad one
-    raises :class:`~vtprune.errors.UsageError` naming the spec."""
+    raises :class:`~vtprune.errors.UsageError` naming the spec. Whether the parts of a composed setting fill
+    different stages needs the model: :func:`run_eval` wraps every setting once before running any."""
     settings = []
     for spec in specs:
         spec = spec.strip()
-        found = []
-        if spec.startswith("{"):
-            found.append(_load_json(spec, spec))
-        elif spec.endswith(".json") and (":" not in spec or Path(spec).expanduser().is_file()):
-            # "schedule:path=s.json" is a method spec whose option names a file, not a settings file
-            path = Path(spec).expanduser()
-            if not path.is_file():
-                raise UsageError(f"setting {spec!r}: no such JSON file")
-            found.append(_load_json(path.read_text(), spec))
+        if spec.startswith("[") or (spec.endswith(".json") and _json_list_file(spec)):
+            text = spec if spec.startswith("[") else Path(spec).expanduser().read_text()
+            found = [_load_json_list(text, spec)]
         else:
-            name, *fields = spec.split(":")
-            if name == "none":
-                if fields:
-                    raise UsageError("the 'none' setting takes no options")
-                found.append(dict(NONE))
+            parts = _split_composition(spec)
+            grids = [_parse_one(part) for part in parts]
+            if len(parts) == 1:
+                found = grids[0]
             else:
-                grid = []
-                for item in fields:
-                    if "=" not in item:
-                        raise UsageError(f"bad option {item!r} in {spec!r}: expected key=value[,value...]")
-                    key, values = item.split("=", 1)
-                    grid.append([(key, _parse_value(v)) for v in values.split(",")])
-                for combo in itertools.product(*grid) if grid else [()]:
-                    found.append({"method": name, **dict(combo)})
+                found = [list(combo) for combo in itertools.product(*grids)]
         for setting in found:
             _validate_setting(setting, spec)
         settings += found
     return settings
+
+
+def _json_list_file(spec: str) -> bool:
+    path = Path(spec).expanduser()
+    return path.is_file() and path.read_text().lstrip().startswith("[")
+
+
+def _split_composition(spec: str) -> list[str]:
+    """``"a:k=1+b:k=2"`` -> ``["a:k=1", "b:k=2"]``; a ``+`` not followed by a method name stays in its part."""
+    from ..config import available_methods
+
+    names = set(available_methods()) | {"none"}
+    parts: list[str] = []
+    for piece in spec.split("+"):
+        if parts and piece.split(":", 1)[0].strip() not in names:
+            parts[-1] += "+" + piece
+        else:
+            parts.append(piece.strip())
+    return parts
+
+
+def _parse_one(spec: str) -> list[dict]:
+    """The settings of one method spec (``name:key=v1,v2:...``, a JSON object, or a JSON file)."""
+    if spec.startswith("{"):
+        return [_load_json(spec, spec)]
+    if spec.endswith(".json") and (":" not in spec or Path(spec).expanduser().is_file()):
+        # "schedule:path=s.json" is a method spec whose option names a file, not a settings file
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"setting {spec!r}: no such JSON file")
+        return [_load_json(path.read_text(), spec)]
+    name, *fields = spec.split(":")
+    if name == "none":
+        if fields:
+            raise UsageError("the 'none' setting takes no options")
+        return [dict(NONE)]
+    grid = []
+    for item in fields:
+        if "=" not in item:
+            raise UsageError(f"bad option {item!r} in {spec!r}: expected key=value[,value...]")
+        key, values = item.split("=", 1)
+        grid.append([(key, _parse_value(v)) for v in _split_values(values)])
+    return [{"method": name, **dict(combo)} for combo in (itertools.product(*grid) if grid else [()])]
+
+
+def _split_values(text: str) -> list[str]:
+    """``"0.5,0.25"`` -> two values; commas inside brackets stay (``"[8,16,24],[4,8]"`` -> two lists)."""
+    values, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            values.append(text[start:i])
+            start = i + 1
+    return values + [text[start:]]
+
+
+def _load_json_list(text: str, spec: str) -> list[dict]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"setting {spec!r}: not valid JSON ({err})") from err
+    if not isinstance(value, list) or not all(isinstance(v, dict) and "method" in v for v in value):
+        raise UsageError(f"setting {spec!r}: expected a JSON list of objects with a 'method' key")
+    return value
+
+
+def _is_none(setting) -> bool:
+    """Whether ``setting`` is the unpruned baseline."""
+    return isinstance(setting, dict) and setting.get("method") == "none"
 
 
 def _load_json(text: str, spec: str) -> dict:
@@ -155,7 +217,15 @@ def _load_json(text: str, spec: str) -> dict:
     return value
 
 
-def _validate_setting(setting: dict, spec: str) -> None:
+def _validate_setting(setting: dict | list, spec: str) -> None:
+    if isinstance(setting, list):
+        if len(setting) < 2:
+            raise UsageError(f"setting {spec!r}: a composed setting joins two or more methods")
+        if any(_is_none(part) for part in setting):
+            raise UsageError(f"setting {spec!r}: 'none' cannot be composed with a method")
+        for part in setting:
+            _validate_setting(part, spec)
+        return
     if setting.get("method") == "none":
         if set(setting) != {"method"}:
             raise UsageError(f"setting {spec!r}: the 'none' setting takes no options")
@@ -172,8 +242,11 @@ def _canonical(value) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def setting_label(setting: dict) -> str:
-    """The file-name label of one setting: ``method-key=value-...`` with unsafe characters replaced."""
+def setting_label(setting: dict | list) -> str:
+    """The file-name label of one setting: ``method-key=value-...`` with unsafe characters replaced; a
+    composed setting joins its parts' labels with ``+`` (``fastervlm-keep_ratio=0.25+fastv-layer=2``)."""
+    if isinstance(setting, list):
+        return "+".join(setting_label(part) for part in setting)
     parts = [setting["method"]] + [f"{k}={v}" for k, v in setting.items() if k != "method"]
     return re.sub(r"[^A-Za-z0-9_.=,-]+", "_", "-".join(parts))
 
@@ -601,6 +674,7 @@ def _prepare(run: EvalRun, out: Path, settings, labels, lock: FolderLock, world:
     """Rank 0, before anything runs: the folder, its lock, the resume check, cut lines, run.json."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} is a file; pass a folder (created if missing)")
+    _check_wraps(run.model, settings, labels)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # a parent is a file, no permission
@@ -641,20 +715,37 @@ def _prepare(run: EvalRun, out: Path, settings, labels, lock: FolderLock, world:
         raise
 
 
+def _check_wraps(model, settings, labels) -> None:
+    """Wrap (and unwrap) the model with every pruned setting once, so that what only the model can refuse
+    (a layer beyond its depth, two composed methods for one stage) stops the run before it computes."""
+    for setting, label in zip(settings, labels):
+        if _is_none(setting):
+            continue
+        try:
+            wrap(model, _wrap_arg(setting))
+        except UsageError as err:
+            raise UsageError(f"setting {label!r}: {err}") from err
+        unwrap(model)
+
+
 def _run_setting(run, bench, setting, todo, path, context, progress):
     from tqdm.auto import tqdm
 
     name, label, session, dims = context
     model = run.model
-    pruned = setting["method"] != "none"
+    pruned = not _is_none(setting)
     if pruned:
-        wrap(model, dict(setting))
+        wrap(model, _wrap_arg(setting))
     try:
         for _ in range(run.warmup):  # a full first batch: kernels, caches, allocator; nothing recorded
             run.answer(todo[0][1], model, bench.generation_kwargs)
         bar = tqdm(todo, desc=f"{name} {label}", disable=not progress, unit="batch")
         for batch_index, samples in bar:
+            stopwatch = get_pruner(model).stopwatch if pruned else None
+            if stopwatch is not None:
+                stopwatch.reset()
             predictions, stats = run.answer(samples, model, bench.generation_kwargs)
+            stats = dict(stats, selection_s=stopwatch.seconds if stopwatch is not None else None)
             selections = get_pruner(model).last if pruned else None
             lines = []
             for j, (sample, pred) in enumerate(zip(samples, predictions)):
@@ -680,6 +771,11 @@ def _run_setting(run, bench, setting, todo, path, context, progress):
             unwrap(model)
 
 
+def _wrap_arg(setting: dict | list):
+    """What ``vtprune.wrap`` takes for a setting: a config dict, or a list of them (composed)."""
+    return [dict(part) for part in setting] if isinstance(setting, list) else dict(setting)
+
+
 def _token_stats(model, selection, prompt, dims) -> dict:
     d, m, gated, n_layers = dims.hidden, dims.intermediate, dims.gated, dims.num_layers
     if selection is not None:
@@ -693,6 +789,7 @@ def _token_stats(model, selection, prompt, dims) -> dict:
     flops = prefill_flops(text, layer_visual, d, m, gated)
     return {
         "visual_in": visual_in,
+        "visual_llm_input": layer_visual[0] if layer_visual else visual_in,
         "visual_per_layer": layer_visual,
         "visual_mean": sum(layer_visual) / len(layer_visual),
         "text_tokens": text,
@@ -727,6 +824,7 @@ def summarize(
     rows = []
     for name in benchmarks:
         base = None
+        base_answers = None
         per_setting = []
         for setting, label in zip(settings, labels):
             recs = _records(Path(out) / name, label, None if ids is None else ids.get(name))
@@ -743,26 +841,47 @@ def summarize(
                 "setting": label,
                 "samples": len(recs),
                 **{k: v for k, v in metrics.items() if _is_number(v)},
+                "visual_tokens_input": statistics.fmean(
+                    r.get("visual_llm_input", r["visual_per_layer"][0]) for r in recs
+                ),
                 "visual_tokens_mean": statistics.fmean(r["visual_mean"] for r in recs),
                 "flops_ratio": statistics.fmean(r["flops_ratio"] for r in recs),
+                "selection_ms": _median(
+                    [None if x.get("selection_s") is None else 1e3 * x["selection_s"] for x in b]
+                ),
                 "ttft_ms": 1e3 * statistics.median(x["ttft_s"] for x in b),
                 "latency_ms": 1e3 * statistics.median(x["latency_s"] for x in b),
                 "decode_tok_s": _median([x["decode_tok_s"] for x in b]),
                 "peak_mem_mb": max(peaks) if peaks else None,
                 "_sessions": {r.get("session") for r in recs},
+                "_answers": {str(r["id"]): r.get("prediction") for r in recs},
                 "breakdown": {k: v for k, v in metrics.items() if isinstance(v, dict)},
             }
-            if setting["method"] == "none":
+            if _is_none(setting):
                 base = row
+                base_answers = row["_answers"]
             per_setting.append(row)
         base_sessions = base["_sessions"] if base else set()
         for row in per_setting:
+            row["loyalty"] = _loyalty(row.pop("_answers"), base_answers)
             row["speedup"] = base["ttft_ms"] / row["ttft_ms"] if base else None
             # realised over FLOPs-ideal speed-up (ideal = 1 / flops_ratio; LLM FLOPs only, FastV's convention)
             row["realised_vs_ideal"] = row["speedup"] * row["flops_ratio"] if base else None
             row["timing_sessions"] = len(row.pop("_sessions") | base_sessions)
         rows.extend(per_setting)
     return rows
+
+
+def _loyalty(answers: dict, base: dict | None) -> float | None:
+    """Share of the samples (by id, those both settings answered) whose answer equals the unpruned one
+    (``none``); answers compare as strings with surrounding whitespace stripped. None without ``none``."""
+    if base is None:
+        return None
+    common = [i for i in answers if i in base]
+    if not common:
+        return None
+    same = sum(str(answers[i]).strip() == str(base[i]).strip() for i in common)
+    return same / len(common)
 
 
 def _is_number(value) -> bool:
@@ -825,6 +944,18 @@ def _summary_notes(rows: list[dict]) -> list[str]:
                 f"{name}: speedup is blank: the unpruned baseline `none` is not among the settings "
                 "(add `none` to --methods)"
             )
+    if any(r.get("selection_ms") is not None for r in rows):
+        notes.append(
+            "selection_ms: per batch (median), host wall-clock ms the method spent scoring and selecting - "
+            "probe statistics, scorer, keep rule or transform, layer-plan decisions (`Pruner.stopwatch`); "
+            "the vision encoder and the LLM layers are not in it. On CUDA it is the time to launch that work "
+            "(no synchronisation is added), not the device time"
+        )
+    if any(r.get("loyalty") is None for r in rows):
+        notes.append(
+            "loyalty (share of samples whose answer equals the unpruned `none` answer, from the per-sample "
+            "JSONL) is blank where `none` did not run on that benchmark in this run (add `none` to --methods)"
+        )
     mixed = [f"{r['benchmark']} {r['setting']}" for r in rows if (r.get("timing_sessions") or 0) > 1]
     if mixed:
         notes.append(
@@ -889,8 +1020,13 @@ def write_breakdown(out: Path, rows: list[dict]) -> list[str]:
 
 
 def _point_label(setting_label: str) -> str:
-    method, _, options = setting_label.partition("-")
-    return options or method
+    parts = [part.partition("-") for part in setting_label.split("+")]
+    return "+".join(options or method for method, _, options in parts)
+
+
+def _label_method(setting_label: str) -> str:
+    """The method (``fastervlm``, or ``fastervlm+fastv`` for a composed setting) of a setting label."""
+    return "+".join(part.partition("-")[0] for part in setting_label.split("+"))
 
 
 def plot_pareto(
@@ -928,8 +1064,8 @@ def plot_pareto(
                 )
                 notes.append(f"pareto.png: {name} has no speed-up plot (no `none` setting)")
             else:
-                for method in dict.fromkeys(r["setting"].split("-")[0] for r in bench_rows):
-                    pts = [r for r in bench_rows if r["setting"].split("-")[0] == method]
+                for method in dict.fromkeys(_label_method(r["setting"]) for r in bench_rows):
+                    pts = [r for r in bench_rows if _label_method(r["setting"]) == method]
                     xy = sorted(
                         ((r[x] if x == "speedup" else 1 / r[x]), r[key], _point_label(r["setting"]))
                         for r in pts
@@ -959,7 +1095,10 @@ def _main_metric(row: dict) -> str:
             return key
     skip = {
         "samples",
+        "loyalty",
+        "visual_tokens_input",
         "visual_tokens_mean",
+        "selection_ms",
         "flops_ratio",
         "ttft_ms",
         "latency_ms",

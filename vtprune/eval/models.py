@@ -75,7 +75,8 @@ def _describe(err: BaseException) -> str:
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "auto"):
-    """``"toy"`` (the shipped toy LLaVA) or a local folder / hub id loaded with ``from_pretrained``.
+    """``"toy"`` (the shipped toy LLaVA), ``"toy-video"`` (its video fine-tune) or a local folder / hub id
+    loaded with ``from_pretrained``.
 
     Returns ``(model, processor, prompt_fn)`` with ``prompt_fn(processor, prompt, num_images) -> str``.
     A missing folder, a folder that holds no vision-language model, an unknown or unreachable hub id, a bad
@@ -83,14 +84,15 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto"):
     """
     resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
-    if name == "toy":
-        from ..toy import build_prompt, load_toy_model
+    if name in ("toy", "toy-video"):
+        from ..toy import build_prompt, load_toy_model, load_toy_video_model
 
+        load = load_toy_model if name == "toy" else load_toy_video_model
         try:
-            model, processor = load_toy_model(device=device, dtype=torch_dtype or torch.float32)
+            model, processor = load(device=device, dtype=torch_dtype or torch.float32)
         except FileNotFoundError as err:
             raise UsageError(str(err)) from err
-        return model, processor, lambda proc, prompt, n: build_prompt(prompt)
+        return model, processor, lambda proc, prompt, n: build_prompt(prompt, n)
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForImageTextToText
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES

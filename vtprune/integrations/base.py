@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedError, UsageError, UsageTypeError
+from ..runtime.visual_inputs import Modality, VisualSideInputs
 from .towers import VisionTower, get_tower
 
-__all__ = ["Integration", "TextDims", "load_processor"]
+__all__ = ["Integration", "TextDims", "grid_boxes", "load_processor"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ class Integration:
         return self.language_model.layers
 
     @property
+    def final_norm(self) -> nn.Module:
+        """The language model's norm after its last decoder layer (maps a hidden state ``(..., hidden)`` to
+        the space the LM head reads; DART compares tokens there)."""
+        return self.language_model.norm
+
+    @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 
@@ -115,6 +122,14 @@ class Integration:
         :class:`~vtprune.errors.UsageError` rather than let layout tokens be pruned."""
         return [None] * len(units)
 
+    def token_frames(
+        self, units: list[torch.Tensor], encode_args: dict[str, Any]
+    ) -> list[torch.Tensor | None]:
+        """Per unit, None (one frame: an image) or ``(n,)`` long frame index of each token (a video). A budget
+        that spans several frames keeps at least the best-scored token of each (the per-frame floor).
+        Default: every unit is one frame."""
+        return [None] * len(units)
+
     def token_scores(
         self, records: list[torch.Tensor], units: list[torch.Tensor], encode_args: dict[str, Any]
     ) -> list[torch.Tensor]:
@@ -138,6 +153,42 @@ class Integration:
             side = math.isqrt(n)
             grids.append((side, side) if side * side == n and n > 0 else None)
         return grids
+
+    def token_boxes(
+        self,
+        image_tokens: list[int],
+        encode_args: dict[str, Any],
+        original_sizes: list[tuple[int, int]] | None = None,
+    ) -> list[torch.Tensor | None]:
+        """Where each visual token of each image lies on that image, for pictures (:mod:`vtprune.viz`).
+
+        Args:
+            image_tokens: visual tokens per image (one budget unit each, after joining), placeholder order.
+            encode_args: the model's image arguments of the call (``pixel_values``, ``image_grid_thw``,
+                ``image_sizes``...).
+            original_sizes: ``(height, width)`` of each image as the user gave it, or None.
+
+        Returns:
+            per image, ``(n, 5)`` float: ``view, top, left, bottom, right`` of each token, the box as
+            fractions of the image the processor's views cover (view 0: a view of the whole image; 1: the
+            higher-resolution crops or tiles, where a family has them); NaN boxes for layout tokens that
+            cover no patch (row separators). None when the layout is not known. Default: the
+            :meth:`token_grids` grid over the whole image, view 0.
+        """
+        grids = self.token_grids([torch.empty(n, 0) for n in image_tokens], encode_args)
+        return [None if g is None else grid_boxes(*g) for g in grids]
+
+    def modalities(self) -> list[Modality]:
+        """The visual inputs the engine prunes, each with its placeholder token and encoder. Default: images.
+        Families that also prune videos add a :class:`~vtprune.runtime.visual_inputs.Modality` for them
+        (their layout questions then see a video's arguments under the image names)."""
+        return [Modality("image", self.image_token_id, "get_image_features", "pixel_values")]
+
+    def visual_side_inputs(self) -> VisualSideInputs | None:
+        """Language-model inputs indexed by visual position (Qwen3-VL's deepstack features), which the
+        engine slices with the visual tokens at compaction and between decoder layers; None (default): the
+        language model takes embeddings, mask and positions only."""
+        return None
 
     def text_dims(self) -> TextDims:
         text = self.model.config.get_text_config()
@@ -179,3 +230,15 @@ def load_processor(name: str, model_type: str, **kwargs):
     from ..registry import family_class
 
     return (family_class(model_type) or Integration).load_processor(name, **kwargs)
+
+
+def grid_boxes(rows: int, cols: int, view: int = 0, region=(0.0, 0.0, 1.0, 1.0)) -> torch.Tensor:
+    """``(rows * cols, 5)`` boxes (``view, top, left, bottom, right``) of a row-major token grid laid over
+    ``region`` (``top, left, bottom, right`` fractions of the image)."""
+    top, left, bottom, right = region
+    r = torch.arange(rows, dtype=torch.float64).repeat_interleave(cols)
+    c = torch.arange(cols, dtype=torch.float64).repeat(rows)
+    h, w = (bottom - top) / rows, (right - left) / cols
+    return torch.stack(
+        [torch.full_like(r, view), top + r * h, left + c * w, top + (r + 1) * h, left + (c + 1) * w], -1
+    )

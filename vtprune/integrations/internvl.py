@@ -37,6 +37,7 @@ What vtprune does on it:
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from functools import cache
 
@@ -44,7 +45,7 @@ import torch
 
 from ..errors import UsageError
 from ..registry import register_family
-from .base import Integration
+from .base import Integration, grid_boxes
 
 # also InternVLProcessorNoVideo, built lazily (module __getattr__)
 __all__ = ["InternVLIntegration", "load_processor", "no_video_processor_class"]
@@ -89,10 +90,46 @@ class InternVLIntegration(Integration):
             return [torch.zeros(int(u.shape[0]), dtype=torch.long) for u in units]
         return [None] * len(units)
 
+    def token_boxes(self, image_tokens, encode_args, original_sizes=None):
+        """A one-tile image: its token grid over the whole image (view 0). ``N`` tiles + thumbnail: each
+        tile's grid over its cell of the tile canvas (view 1), the thumbnail's over the whole image (view
+        0). The canvas (columns x rows) never reaches the model; it is recomputed with the processor's own
+        rule (transformers' ``get_optimal_tiled_canvas``, closest aspect ratio) among the canvases of
+        ``N`` tiles, from ``original_sizes`` (None without them)."""
+        per_tile = self.tile_tokens
+        side = math.isqrt(per_tile)
+        tile = self.model.config.vision_config.image_size
+        tile = (tile, tile) if isinstance(tile, int) else tuple(tile)
+        out = []
+        for i, n in enumerate(image_tokens):
+            tiles = n // per_tile
+            if tiles * per_tile != n or side * side != per_tile or tiles < 1:
+                out.append(None)
+            elif tiles == 1:
+                out.append(grid_boxes(side, side, 0))
+            elif original_sizes is None or tiles == 2:  # no canvas of one tile gets a thumbnail
+                out.append(None)
+            else:
+                cols, rows = _tile_canvas(original_sizes[i], tile, tiles - 1)
+                cells = [
+                    grid_boxes(side, side, 1, (r / rows, c / cols, (r + 1) / rows, (c + 1) / cols))
+                    for r, c in (divmod(t, cols) for t in range(tiles - 1))
+                ]
+                out.append(torch.cat(cells + [grid_boxes(side, side, 0)]))
+        return out
+
     @classmethod
     def load_processor(cls, name, **kwargs):
         """:func:`load_processor`: ``AutoProcessor``, or without torchvision the image-and-text processor."""
         return load_processor(name, **kwargs)
+
+
+def _tile_canvas(size: tuple[int, int], tile: tuple[int, int], count: int) -> tuple[int, int]:
+    """``(columns, rows)`` of the canvas of ``count`` tiles the processor chose for an image of ``size``
+    ``(height, width)``: its own rule restricted to canvases of that many tiles."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    return get_optimal_tiled_canvas(tuple(size), tile, count, count)
 
 
 # ------------------------------------------------------------------------------------------ processors

@@ -40,6 +40,7 @@ the paper's for non-square images and exclude the (always kept) newline tokens.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -47,7 +48,7 @@ import torch
 
 from ..errors import UsageError
 from ..registry import register_family
-from .base import Integration
+from .base import Integration, grid_boxes
 
 __all__ = ["LlavaNextIntegration"]
 
@@ -79,6 +80,14 @@ class LlavaNextIntegration(Integration):
         """None: a unit is a base grid followed by an unpadded grid with a newline token per row, not one
         row-major grid."""
         return [None] * len(units)
+
+    def token_boxes(self, image_tokens, encode_args, original_sizes=None):
+        """The base view's grid over the whole image (view 0), then the stitched, unpadded grid of the
+        crops (view 1; unpadding removed what covered padding, so that grid spans the image); newline
+        tokens have NaN boxes. Read from the packed layout (:meth:`_layout`), not from a copy of the
+        geometry."""
+        layout = self._layout(encode_args, None, [torch.empty(n, 0) for n in image_tokens])
+        return [_anyres_boxes(view) for _, view in layout]
 
     # ---------------------------------------------------------------------- HF's geometry, reused
     def _hf(self, name: str):
@@ -161,3 +170,28 @@ class LlavaNextIntegration(Integration):
                 f"have {[int(u.shape[0]) for u in units]}"
             )
         return layout
+
+
+def _anyres_boxes(view: torch.Tensor) -> torch.Tensor | None:
+    """Boxes of one packed image from its tokens' views (0 base, 1.. crops, -1 newline): the base tokens
+    first (a square grid), then rows of crop tokens each closed by a newline. None for another layout."""
+    view = view.cpu()
+    boxes = torch.full((view.numel(), 5), float("nan"), dtype=torch.float64)
+    n_base = int((view == 0).sum())
+    side = math.isqrt(n_base)
+    if side * side != n_base or not bool((view[:n_base] == 0).all()):
+        return None
+    boxes[:n_base] = grid_boxes(side, side, 0)
+    rest = view[n_base:]
+    ends = (rest < 0).nonzero().squeeze(-1).tolist()
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    rows = [(s, e) for s, e in zip(starts, ends) if e > s]
+    if not rows:
+        return boxes
+    cols = rows[0][1] - rows[0][0]
+    if any(e - s != cols for s, e in rows) or (ends and ends[-1] != rest.numel() - 1):
+        return None
+    grid = grid_boxes(len(rows), cols, 1)
+    for r, (s, e) in enumerate(rows):
+        boxes[n_base + s : n_base + e] = grid[r * cols : (r + 1) * cols]
+    return boxes

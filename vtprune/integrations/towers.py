@@ -188,14 +188,18 @@ class SiglipTower(ClipTower):
 
 @register_tower
 class QwenViTTower(VisionTower):
-    """Qwen2-VL / Qwen2.5-VL ViT: no [CLS]; ``spatial_merge_size**2`` patches merge into one LLM token.
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL ViT: no [CLS]; ``spatial_merge_size**2`` patches merge into one LLM
+    token.
 
     A merged token takes the mean of its patches. The default layer is the last full-attention block
     (window-attention blocks cannot relate a patch to the whole image and are refused). Qwen2.5-VL runs
-    its blocks in window order: values are mapped back to the raw (row-major) order the LLM sees.
+    its blocks in window order: values are mapped back to the raw (row-major) order the LLM sees. Qwen3-VL's
+    blocks all attend fully (no window order; its deepstack mergers read intermediate blocks, the main
+    merger the last one, the default). Every block attends within one frame (one temporal patch group of a
+    video; ``cu_seqlens``), so a received-attention record is per frame.
     """
 
-    vision_types = ("qwen2_vl_vision", "qwen2_5_vl_vision")
+    vision_types = ("qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision", "qwen3_vl_moe_vision")
     has_cls = False
 
     @property

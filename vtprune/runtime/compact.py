@@ -24,7 +24,7 @@ import torch
 from ..errors import UsageError
 from ..kernels.gather import gather_tokens, keep_mask_to_index
 
-__all__ = ["Compacted", "Prefix", "compact", "cache_length", "compact_view", "prefix_of"]
+__all__ = ["Compacted", "Prefix", "compact", "cache_length", "compact_view", "padded_length", "prefix_of"]
 
 _VIEW = threading.local()
 
@@ -34,6 +34,13 @@ def cache_length(cache) -> int:
     if cache is None:
         return 0
     return int(type(cache).get_seq_length(cache))
+
+
+def padded_length(n: int, multiple: int | None, limit: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (None: ``n``), at most ``limit`` (the input length)."""
+    if multiple is None:
+        return n
+    return min(-(-n // multiple) * multiple, limit)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.gather import gather_tokens, keep_mask_to_index, take_columns, take_rows
+from .compact import padded_length
+from .timing import Stopwatch
 
 __all__ = ["LayerPlan", "LayerEngine"]
 
@@ -121,6 +123,8 @@ class LayerEngine:
     decoding: bool = False
     prepared: bool = False  # the decoding call's mask is generate()'s compact 4-D one (static caches)
     probes: dict = field(default_factory=dict)  # layer -> AttentionProbe armed on its self-attention
+    stopwatch: Stopwatch = field(default_factory=Stopwatch)  # times the plan's decisions (selection overhead)
+    pad_multiple: int | None = None  # left-pad the shortened sequence to a multiple of this (compiled graphs)
 
     # ------------------------------------------------------------------------------------------ phases
     def begin_prefill(
@@ -221,7 +225,8 @@ class LayerEngine:
         if self.replay is not None:
             decision = _extend(self.replay[layer], visual.shape[1])
         else:
-            decision = self.plan.decide(layer, out, visual, real, self.attention, list(self.host_visual))
+            with self.stopwatch:
+                decision = self.plan.decide(layer, out, visual, real, self.attention, list(self.host_visual))
             self.decisions[layer] = decision
         if decision is None:
             return out
@@ -233,7 +238,9 @@ class LayerEngine:
 
     def _drop(self, layer, out, keep, kwargs):
         cur = self.current
-        index_in_cur = keep_mask_to_index(keep, max(self.host_real))
+        index_in_cur = keep_mask_to_index(
+            keep, padded_length(max(self.host_real), self.pad_multiple, out.shape[1])
+        )
         base_index = cur.index if cur is not None else None
         base_mask = cur.mask2d if cur is not None else self.real.long()
         base_visual = cur.visual if cur is not None else self.visual

@@ -6,8 +6,8 @@ The pipeline of one prefill (:class:`~vtprune.runtime.pruner.Pruner`):
    the family maps it to one score per visual token of each budget unit.
 2. **scorer** + **keep** - before the LLM, score each budget unit's tokens and keep the top ``keep(n)`` of
    them (a pre-LLM selection); **or** **transform** - replace each unit's tokens by fewer new ones
-   (pooling): the new rows are written at some of the unit's placeholder positions and the others are
-   compacted away, as for a selection.
+   (pooling, merging; it may read the probe's scores too): the new rows are written at some of the
+   unit's placeholder positions and the others are compacted away, as for a selection.
 3. **plan** - inside the LLM, a :class:`~vtprune.runtime.layer_drop.LayerPlan` may drop visual tokens
    after any decoder layer.
 4. **adapters** - trainable modules run after self-attention of some decoder layers, reading the
@@ -53,12 +53,16 @@ class VisualUnit:
         grid: ``(rows, cols)`` with ``rows * cols == n`` when the family knows the unit's tokens form a
             row-major 2-D grid (:meth:`~vtprune.integrations.Integration.token_grids`); None otherwise.
             Set for transforms.
+        text: ``(m, hidden)`` the language model's input embeddings of the text tokens of the sample the
+            unit belongs to (its prompt tokens that are neither padding nor image placeholders, in prompt
+            order); set only for scorers that run on the prompt (``MethodParts.prompt_scorer``).
     """
 
     features: torch.Tensor
     score: torch.Tensor | None = None
     groups: torch.Tensor | None = None
     grid: tuple[int, int] | None = None
+    text: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -91,6 +95,10 @@ class MethodParts:
             ids of tokens kept before the LLM.
         budget: what one keep budget covers (``"image"``, or a family's finer unit such as ``"tile"``);
             ``"auto"`` is the family's default.
+        prompt_scorer: the scorer runs once the prompt is known (at the multimodal forward) instead of at
+            image encoding: it sees whole budget units (rows joined, e.g. all tiles of an image) with each
+            unit's ``text`` set. Its scores still ride on the features, so one ``generate()`` call scores
+            each encoded image once. Not with a probe (the probe's records are read at encoding).
     """
 
     probe: VisionProbe | None = None
@@ -101,12 +109,15 @@ class MethodParts:
     adapters: Adapters | None = None
     positions: str = "auto"
     budget: str = "auto"
+    prompt_scorer: bool = False
 
     def __post_init__(self) -> None:
         if (self.scorer is None) != (self.keep is None):
             raise ValueError("a pre-LLM selection needs both a scorer and a keep rule")
-        if self.probe is not None and self.scorer is None:
-            raise ValueError("a vision probe is only read by a scorer")
+        if self.probe is not None and self.scorer is None and self.transform is None:
+            raise ValueError("a vision probe is only read by a scorer or a transform")
+        if self.prompt_scorer and (self.scorer is None or self.probe is not None):
+            raise ValueError("prompt_scorer needs a scorer and no vision probe")
         if self.scorer is not None and self.transform is not None:
             raise ValueError("a unit's tokens are either selected or transformed before the LLM, not both")
 
@@ -147,6 +158,7 @@ def compose(named_parts: list[tuple[str, MethodParts]]) -> MethodParts:
             transform=pre.transform,
             positions=pre.positions,
             budget=pre.budget,
+            prompt_scorer=pre.prompt_scorer,
         )
     if plans:
         merged.plan = plans[0][1].plan

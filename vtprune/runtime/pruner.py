@@ -4,10 +4,12 @@ It names no method and no family: the method's :class:`~vtprune.runtime.parts.Me
 the family's :class:`~vtprune.integrations.Integration` says where things are. Three instance-level
 patches carry the whole mechanism (``unwrap`` removes them):
 
-* ``get_image_features`` of the multimodal base model: after the vision encoder ran, attach each budget
-  unit's token scores to its feature tensor (``feature._vtprune_score``), so they travel with features
-  that ``generate()`` pre-encodes, expands for beams, or the caller passes back as ``mm_encoder_outputs``
-  (an encoder that returns one stacked tensor hands out its rows as a list while wrapped).
+* ``get_image_features`` of the multimodal base model (and the encoder of every further modality the family
+  prunes, ``get_video_features`` on Qwen-VL; :meth:`~vtprune.integrations.Integration.modalities`): after the
+  vision encoder ran, attach each budget unit's token scores to its feature tensor
+  (``feature._vtprune_score``), so they travel with features that ``generate()`` pre-encodes, expands for
+  beams, or the caller passes back as ``mm_encoder_outputs`` (an encoder that returns one stacked tensor
+  hands out its rows as a list while wrapped).
 * the base model's ``forward``: at prefill, encode images if needed, score and select the kept visual
   tokens (the method's scorer and keep rule).
 * the language model's ``forward``: at prefill, gather the kept tokens (embeddings, 2-D mask, position
@@ -39,16 +41,16 @@ from ..errors import UnsupportedError, UsageError
 from ..kernels.gather import take_columns
 from ..registry import get_family, method_parts
 from .adapters import AdapterContext, pad_per_sample
-from .compact import Prefix, cache_length, compact, compact_view, prefix_of
+from .compact import Prefix, cache_length, compact, compact_view, padded_length, prefix_of
 from .layer_drop import LayerEngine
 from .parts import VisualUnit, compose
 from .patching import Patcher
 from .probe import AttentionProbe
-from .selection import SampleSelection, kept_visual_indices, select_visual_tokens
+from .selection import SampleSelection, frame_floor, kept_visual_indices, select_visual_tokens
+from .timing import Stopwatch
+from .visual_inputs import take_visual_rows
 
 __all__ = ["Pruner"]
-
-_UNSET = object()
 
 
 @dataclass
@@ -133,6 +135,20 @@ class Pruner:
         self.family = get_family(model)
         configs = config if isinstance(config, tuple) else (config,)
         self.parts = compose([(c.method, method_parts(c, self.family)) for c in configs])
+        # Selection overhead (vtprune eval's selection_ms): the method's scoring and selection run as timed
+        # regions - its scorer / transform here, probes, the keep rule and the layer plan where they run.
+        self.stopwatch = Stopwatch()
+        self.parts = dataclasses.replace(
+            self.parts,
+            scorer=self.stopwatch.timed(self.parts.scorer),
+            transform=self.stopwatch.timed(self.parts.transform),
+        )
+        multiples = {c.pad_to_multiple_of for c in configs} - {None}
+        if len(multiples) > 1:
+            raise UsageError(
+                f"composed configs ask for different pad_to_multiple_of {sorted(multiples)}; set it on one"
+            )
+        self.pad_multiple = multiples.pop() if multiples else None
         self.engine: LayerEngine | None = None
         self.text_probes: dict[int, AttentionProbe] = {}
         self.contiguous = self.family.resolve_positions(self.parts.positions) == "contiguous"
@@ -147,6 +163,8 @@ class Pruner:
         self._call: _Call | None = None  # the generate() call in progress
         self._decode_ready = False  # generate() prepared the next call's compact 4-D mask
         self._mark = object()  # tags the scores this pruner attached to features
+        self.modalities = self.family.modalities()  # images first; videos where the family prunes them
+        self._encoding = False  # inside an encoder call (one encoder may call another)
         # adapters: features kept aside by the latest prefill, its context while it runs, a layer's input
         self._aside: tuple[torch.Tensor, torch.Tensor] | None = None
         self._adapter_ctx: AdapterContext | None = None
@@ -160,12 +178,16 @@ class Pruner:
             if parts.probe is not None:
                 module = family.vision_tower().attention_modules()[parts.probe.layer]
                 self.probe = AttentionProbe(module, parts.probe.statistic)
+                self.probe.record = self.stopwatch.timed(self.probe.record)
                 self.probe.attach(self.patcher)
             if parts.plan is not None:
                 self._attach_layers()
+                self._attach_side_consumer()
             if parts.adapters is not None:
                 self._attach_adapters()
             self._patch_method(inner, "get_image_features", self._get_image_features)
+            for modality in self.modalities[1:]:  # e.g. get_video_features
+                self._patch_method(inner, modality.encoder, functools.partial(self._encode, modality))
             self._patch_method(inner, "forward", self._multimodal_forward)
             self._patch_method(lm, "forward", self._language_forward)
             self._patch_method(self.model, "generate", self._generate)
@@ -183,14 +205,38 @@ class Pruner:
     def _attach_layers(self) -> None:
         layers = self.family.decoder_layers
         plan = self.parts.plan
-        self.engine = LayerEngine(plan, len(layers), self.family.language_model.config)
+        self.engine = LayerEngine(
+            plan, len(layers), self.family.language_model.config, pad_multiple=self.pad_multiple
+        )
         for idx in plan.probe_layers:
             probe = AttentionProbe(layers[idx].self_attn, plan.probe_statistic, active=False)
+            probe.record = self.stopwatch.timed(probe.record)
             probe.attach(self.patcher)
             self.text_probes[idx] = probe
         self.engine.probes = self.text_probes
+        self.engine.stopwatch = self.stopwatch
         for idx, layer in enumerate(layers):
             self._patch_method(layer, "forward", functools.partial(self._decoder_layer, idx))
+
+    def _attach_side_consumer(self) -> None:
+        """The language model's method that reads per-visual-position inputs between decoder layers
+        (:mod:`vtprune.runtime.visual_inputs`): patched so that it sees them sliced to the tokens left."""
+        side = self.family.visual_side_inputs()
+        if side is not None and side.consumer is not None:
+            self._patch_method(self.family.language_model, side.consumer, self._side_consumer)
+
+    def _side_consumer(self, original, *args, **kwargs):
+        engine, side = self.engine, self.family.visual_side_inputs()
+        if engine is None or not engine.prefilling or engine.current is None:
+            return original(*args, **kwargs)
+        kwargs = _bind(original, args, kwargs)
+        mask_arg, rows_arg = side.consumer_args
+        # The mask and rows are in the LM input's columns (sliced at compaction); the engine's current
+        # index maps the layers' shorter sequence to those columns.
+        kwargs[mask_arg], kwargs[rows_arg] = take_visual_rows(
+            kwargs[mask_arg], kwargs[rows_arg], engine.current.index
+        )
+        return original(**kwargs)
 
     def _attach_adapters(self) -> None:
         layers = self.family.decoder_layers
@@ -337,9 +383,19 @@ class Pruner:
 
     # ---------------------------------------------------------------------------------- vision encoder
     def _get_image_features(self, original, *args, **kwargs):
+        return self._encode(self.modalities[0], original, *args, **kwargs)
+
+    def _encode(self, modality, original, *args, **kwargs):
+        """An encoder call of one modality (images, videos): score its budget units and attach the scores."""
+        if self._encoding:  # an encoder calling another (Qwen3-VL's videos): the outer call scores
+            return original(*args, **kwargs)
         if self.probe is not None:
             self.probe.clear()
-        out = original(*args, **kwargs)
+        self._encoding = True
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            self._encoding = False
         features = getattr(out, "pooler_output", None)
         if features is None or not self.parts.pre_llm:
             return out
@@ -350,18 +406,28 @@ class Pruner:
             features = out.pooler_output = list(features.unbind(0))
             out._vtprune_stacked = True
         units = self.family.budget_units(features)
-        encode_args = _bind(original, args, kwargs)
-        if self.parts.transform is not None:  # a transform reads each unit's token grid
-            for unit, grid in zip(units, self.family.token_grids(units, encode_args)):
-                unit._vtprune_grid = grid
-            return out
+        encode_args = modality.layout_args(_bind(original, args, kwargs))
         groups = self.family.token_groups(units, encode_args, self.budget)
+        for unit, frames in zip(units, self.family.token_frames(units, encode_args)):
+            unit._vtprune_frames = frames  # the per-frame floor of a budget over several frames
+        if self.parts.prompt_scorer:  # scored by the multimodal forward, which knows the prompt
+            for unit, group in zip(units, groups):
+                unit._vtprune_groups, unit._vtprune_grouped = group, self._mark
+            return out
         scores = [None] * len(units)
         if self.probe is not None:
             try:
-                scores = self.family.token_scores(self.probe.records, units, encode_args)
+                with self.stopwatch:
+                    scores = self.family.token_scores(self.probe.records, units, encode_args)
             finally:
                 self.probe.clear()
+        if self.parts.transform is not None:  # a transform reads each unit's grid, groups, probe scores
+            for unit, grid, score, group in zip(
+                units, self.family.token_grids(units, encode_args), scores, groups
+            ):
+                unit._vtprune_grid, unit._vtprune_score, unit._vtprune_groups = grid, score, group
+                unit._vtprune_mark = self._mark
+            return out
         self._score(units, scores, groups)
         return out
 
@@ -380,12 +446,21 @@ class Pruner:
     def _multimodal_forward(self, original, *args, **kwargs):
         kwargs = _bind(original, args, kwargs)
         mm = dict(kwargs.get("mm_encoder_outputs") or {})
-        if kwargs.get("pixel_values") is None and mm.get("image") is None:
+        if (kwargs.get("pixel_values_videos") is not None or mm.get("video") is not None) and "video" not in {
+            m.name for m in self.modalities
+        }:
+            raise UnsupportedError(
+                f"vtprune does not prune {self.family.model.config.model_type} videos yet (their tokens would "
+                "pass unpruned and be counted as text); call vtprune.unwrap(model) for video inputs, or use a "
+                "Qwen-VL model (video supported)"
+            )
+        mods = [m for m in self.modalities if kwargs.get(m.pixels) is not None or mm.get(m.name) is not None]
+        if not mods:
             return original(**kwargs)
         cache = _cache_of(kwargs)
         if cache_length(cache) > 0:
             ids = kwargs.get("input_ids")
-            new_images = ids is not None and bool((ids == self.family.image_token_id).any())
+            new_images = ids is not None and any(bool((ids == m.token_id).any()) for m in mods)
             if prefix_of(cache) is not None and not new_images:
                 raise UsageError(
                     "this call continues a cache that already holds the conversation's (pruned) images: pass "
@@ -402,7 +477,8 @@ class Pruner:
             raise UsageError(
                 "vtprune needs input_ids (with image placeholder tokens) to locate visual tokens"
             )
-        image_mask = input_ids == self.family.image_token_id
+        masks = [input_ids == m.token_id for m in mods]
+        image_mask = functools.reduce(torch.logical_or, masks)  # every pruned visual token (images, videos)
         attention_mask = kwargs.get("attention_mask")
         real = (
             attention_mask.bool()
@@ -419,24 +495,18 @@ class Pruner:
         )
         visual_in, real_in = counts.tolist()  # the one host sync, before the encoder is queued
 
-        if mm.get("image") is None:
+        for modality in mods:
+            if mm.get(modality.name) is not None:
+                continue
             # Encode here, as generate() does, so that both paths read scores from the features.
-            encode = self.family.base_model.get_image_features
+            encode = getattr(self.family.base_model, modality.encoder)
             params = inspect.signature(encode).parameters
             encode_kwargs = {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
-            mm["image"] = encode(**encode_kwargs, return_dict=True)
-            kwargs["pixel_values"] = None
-            # transformers refuses raw pixels of one modality beside encoder outputs of another: encode
-            # videos here too, as generate() does (they are not pruned)
-            encode_video = getattr(self.family.base_model, "get_video_features", None)
-            if mm.get("video") is None and kwargs.get("pixel_values_videos") is not None and encode_video:
-                params = inspect.signature(encode_video).parameters
-                video_kwargs = {k: kwargs[k] for k in params if k != "kwargs" and kwargs.get(k) is not None}
-                mm["video"] = encode_video(**video_kwargs, return_dict=True)
-                kwargs["pixel_values_videos"] = None
+            mm[modality.name] = encode(**encode_kwargs, return_dict=True)
+            kwargs[modality.pixels] = None
             kwargs["mm_encoder_outputs"] = mm
 
-        features = self.family.budget_units(mm["image"].pooler_output)
+        features = self._visual_units(mods, masks, mm)
         sizes = [f.shape[0] for f in features]
         if sum(sizes) != sum(visual_in):
             raise UsageError(
@@ -445,9 +515,15 @@ class Pruner:
             )
         parts = self.parts
         rows = None
+        # Features that never passed the vision hook (encoded before wrap) are laid out from the forward's
+        # arguments, which describe one modality at a time.
+        layout = mods[0].layout_args(kwargs) if len(mods) == 1 else None
         if parts.scorer is not None:
             unscored = [getattr(f, "_vtprune_mark", None) is not self._mark for f in features]
-            if any(unscored):
+            if parts.prompt_scorer:
+                if any(unscored):
+                    self._score_on_prompt(features, layout, input_ids, image_mask, real, visual_in)
+            elif any(unscored):
                 if parts.probe is not None:
                     raise UsageError(
                         "these image features carry no vtprune scores: they were encoded before vtprune.wrap "
@@ -455,22 +531,31 @@ class Pruner:
                         "after wrapping"
                     )
                 # Scored here, once per distinct tensor (beams share them), as at encoding.
-                groups = self.family.token_groups(features, kwargs, self.budget)
+                groups = self.family.token_groups(features, self._layout(layout), self.budget)
                 todo = {id(f): (f, g) for f, g, u in zip(features, groups, unscored) if u}
                 self._score([f for f, _ in todo.values()], [None] * len(todo), [g for _, g in todo.values()])
             units = self._join_rows(
-                [VisualUnit(f, f._vtprune_score, f._vtprune_groups) for f in features], image_mask
-            )
-            keep, kept = select_visual_tokens(
+                [
+                    VisualUnit(
+                        f,
+                        frame_floor(f._vtprune_score, getattr(f, "_vtprune_frames", None)),
+                        f._vtprune_groups,
+                    )
+                    for f in features
+                ],
                 image_mask,
-                [u.score for u in units],
-                parts.keep,
-                [u.groups for u in units],
-                sum(visual_in),
             )
+            with self.stopwatch:
+                keep, kept = select_visual_tokens(
+                    image_mask,
+                    [u.score for u in units],
+                    parts.keep,
+                    [u.groups for u in units],
+                    sum(visual_in),
+                )
             visual_kept = _per_sample(kept, [u.size for u in units], visual_in)
         elif parts.transform is not None:
-            keep, rows, kept, unit_sizes = self._transform(features, kwargs, image_mask)
+            keep, rows, kept, unit_sizes = self._transform(features, layout, image_mask)
             visual_kept = _per_sample(kept, unit_sizes, visual_in)
         else:  # nothing is selected before the LLM
             keep = torch.ones_like(image_mask)
@@ -486,13 +571,88 @@ class Pruner:
             self._pending = None
             self._adapter_ctx = None
 
+    def _score_on_prompt(self, features, kwargs, input_ids, image_mask, real, visual_in) -> None:
+        """Run a prompt scorer (``MethodParts.prompt_scorer``) on whole budget units, each with its sample's
+        text embeddings, and attach each row's share of the scores to its feature tensor (marked as this
+        pruner's), so that later forwards of the same ``generate()`` call select the same tokens."""
+        if all(getattr(f, "_vtprune_grouped", None) is self._mark for f in features):
+            groups = [f._vtprune_groups for f in features]  # read at encoding, with the encoder's args
+        else:  # features encoded before wrapping: ask with the forward's args
+            groups = self.family.token_groups(features, self._layout(kwargs), self.budget)
+        units = self._join_rows([VisualUnit(f, None, g) for f, g in zip(features, groups)], image_mask)
+        embed = self.family.base_model.get_input_embeddings()
+        text_mask = ~image_mask if real is None else real & ~image_mask
+        texts = [embed(input_ids[b][text_mask[b]]) for b in range(input_ids.shape[0])]
+        sample, covered = 0, 0  # units fill samples in placeholder order
+        for unit in units:
+            while covered >= visual_in[sample]:
+                sample, covered = sample + 1, 0
+            unit.text = texts[sample]
+            covered += unit.size
+        scores = self.parts.scorer(units)
+        rows = iter(zip(features, groups))
+        for unit, score in zip(units, scores):
+            start = 0
+            while start < unit.size:  # the rows joined into this unit, in order
+                row, group = next(rows)
+                row._vtprune_score = score[start : start + row.shape[0]]
+                row._vtprune_groups = group
+                row._vtprune_mark = self._mark
+                start += row.shape[0]
+
+    @staticmethod
+    def _layout(args: dict | None) -> dict:
+        if args is None:
+            raise UsageError(
+                "these image and video features were encoded before vtprune.wrap (or under another wrap): "
+                "their layout cannot be read from one call's arguments; pass pixel_values and "
+                "pixel_values_videos, or encode after wrapping"
+            )
+        return args
+
+    def _visual_units(self, mods, masks, mm) -> list[torch.Tensor]:
+        """Every budget unit's features (images, videos) in placeholder order over the flattened
+        ``(batch, seq)`` prompt, the order of the union mask the selection fills."""
+        per_modality = [self.family.budget_units(mm[m.name].pooler_output) for m in mods]
+        if len(per_modality) == 1:
+            return per_modality[0]
+        starts = []
+        for units, mask in zip(per_modality, masks):
+            where = mask.reshape(-1).nonzero().squeeze(-1)
+            sizes = torch.tensor([0] + [int(u.shape[0]) for u in units[:-1]], dtype=torch.long)
+            offsets = sizes.cumsum(0)
+            if len(units) and int(offsets[-1]) + int(units[-1].shape[0]) != where.numel():
+                raise UsageError(
+                    f"the prompt has {where.numel()} placeholder tokens of one modality but its features have "
+                    f"{sum(int(u.shape[0]) for u in units)}; the processor and the model disagree"
+                )
+            starts.append(where[offsets.to(where.device)].tolist() if len(units) else [])
+        order = sorted(
+            ((start, m, i) for m, st in enumerate(starts) for i, start in enumerate(st)), key=lambda x: x[0]
+        )
+        return [per_modality[m][i] for _, m, i in order]
+
     def _transform(self, features, kwargs, image_mask):
         """Run the method's transform: the ``(batch, seq)`` keep mask, the new rows of the kept visual
         tokens in placeholder order, and the visual tokens kept per unit (host ints)."""
-        grids = [getattr(f, "_vtprune_grid", _UNSET) for f in features]
-        if any(g is _UNSET for g in grids):  # features encoded before wrapping: ask with the forward's args
-            grids = self.family.token_grids(features, kwargs)
-        units = self._join_rows([VisualUnit(f, grid=g) for f, g in zip(features, grids)], image_mask)
+        if all(getattr(f, "_vtprune_mark", None) is self._mark for f in features):
+            grids = [f._vtprune_grid for f in features]
+            scores = [f._vtprune_score for f in features]
+            groups = [f._vtprune_groups for f in features]
+        else:  # features encoded before wrapping: ask with the forward's args
+            if self.parts.probe is not None:
+                raise UsageError(
+                    "these image features carry no vtprune scores: they were encoded before vtprune.wrap "
+                    "(or under another wrap) or sliced (chunked prefill); pass pixel_values, or encode "
+                    "after wrapping"
+                )
+            grids = self.family.token_grids(features, self._layout(kwargs))
+            # no groups either: a family may need the encoder's arguments for them (LLaVA-NeXT's
+            # image_sizes), and the transforms that read groups read probe scores too (refused above)
+            scores, groups = [None] * len(features), [None] * len(features)
+        units = self._join_rows(
+            [VisualUnit(f, s, g, grid) for f, s, g, grid in zip(features, scores, groups, grids)], image_mask
+        )
         out = self.parts.transform(units)
         masks, rows, kept = [], [], []
         for unit, (positions, new) in zip(units, out):
@@ -621,13 +781,18 @@ class Pruner:
             kwargs.get("position_ids"),
             pending.keep,
             self.contiguous,
-            size=max(real_out),
+            size=padded_length(max(real_out), self.pad_multiple, embeds.shape[1]),
         )
         kwargs.update(
             inputs_embeds=packed.inputs_embeds,
             attention_mask=packed.attention_mask,
             position_ids=packed.position_ids,
         )
+        side = self.family.visual_side_inputs()
+        if side is not None and kwargs.get(side.mask) is not None:
+            mask, rows = kwargs[side.mask], [kwargs.get(name) for name in side.rows]
+            kwargs[side.mask], rows = take_visual_rows(mask, rows, packed.index)
+            kwargs.update(zip(side.rows, rows))
         self._aside = pending.aside  # read by the adapters at this prefill and at later calls on its cache
         if pending.aside is not None:
             visual = torch.gather(pending.image_mask, 1, packed.index.clamp(min=0)) & (packed.index >= 0)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["keep_count", "top_k_indices", "SampleSelection", "select_visual_tokens"]
+__all__ = ["keep_count", "top_k_indices", "SampleSelection", "select_visual_tokens", "frame_floor"]
 
 
 def keep_count(num_tokens: int, keep_ratio: float) -> int:
@@ -134,3 +134,25 @@ def kept_visual_indices(keep: torch.Tensor, image_mask: torch.Tensor) -> list[to
     rank = image_mask.long().cumsum(-1) - 1
     chosen = keep & image_mask
     return [rank[b][chosen[b]].cpu() for b in range(keep.shape[0])]
+
+
+def frame_floor(scores: torch.Tensor | None, frames: torch.Tensor | None) -> torch.Tensor | None:
+    """The per-frame floor of a budget that spans several frames (a video): ``scores`` ``(n,)`` with the
+    best-scored token of each frame (the first on ties) raised above every other token, their order among
+    themselves unchanged, so that a top-``k`` keeps one token of every frame first (the best frames' when
+    ``k`` is below the frame count) and fills the rest by score. ``frames``: ``(n,)`` long frame index, or
+    None (one frame: ``scores`` unchanged). A budget group within one frame is unaffected (its top-1 is its
+    floor token already)."""
+    if scores is None or frames is None:
+        return scores
+    s = scores.float()
+    frames = frames.to(s.device)
+    count = int(frames.max()) + 1
+    best = torch.full((count,), float("-inf"), device=s.device).scatter_reduce(0, frames, s, "amax")
+    is_best = s == best[frames]
+    index = torch.arange(s.numel(), device=s.device)
+    first = torch.full((count,), s.numel(), device=s.device).scatter_reduce(
+        0, frames[is_best], index[is_best], "amin"
+    )
+    lift = s.max() - s.min() + 1  # every floor token above every other, order among them unchanged
+    return s.index_add(0, first, torch.full_like(first, 1, dtype=s.dtype) * lift)

@@ -16,9 +16,12 @@ from .model import PROMPT_TEMPLATE, build_prompt
 __all__ = [
     "TOY_MODEL_DIR",
     "TOY_DATASET_DIR",
+    "TOY_VIDEO_MODEL_DIR",
+    "TOY_VIDEO_DATASET_DIR",
     "PROMPT_TEMPLATE",
     "build_prompt",
     "load_toy_model",
+    "load_toy_video_model",
     "load_toy_benchmark",
     "answer_questions",
     "normalize_answer",
@@ -27,20 +30,32 @@ __all__ = [
 ASSETS = Path(__file__).parent / "assets"
 TOY_MODEL_DIR = ASSETS / "toy-llava"
 TOY_DATASET_DIR = ASSETS / "synthetic_vqa"
+TOY_VIDEO_MODEL_DIR = ASSETS / "toy-llava-video"
+TOY_VIDEO_DATASET_DIR = ASSETS / "synthetic_video_qa"
+
+
+def _load(folder: Path, command: str, device, dtype):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no toy model at {folder}; train it with `python -m {command} --out {folder}`"
+        )
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
 
 
 def load_toy_model(device="cpu", dtype=torch.float32):
     """``(model, processor)`` loaded with ``from_pretrained`` from the package folder (offline)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    return _load(TOY_MODEL_DIR, "vtprune.toy.train", device, dtype)
 
-    if not (TOY_MODEL_DIR / "config.json").is_file():
-        raise FileNotFoundError(
-            f"no toy model at {TOY_MODEL_DIR}; train it with `python -m vtprune.toy.train --out {TOY_MODEL_DIR}`"
-        )
-    model = LlavaForConditionalGeneration.from_pretrained(TOY_MODEL_DIR, dtype=dtype).to(device).eval()
-    processor = AutoProcessor.from_pretrained(TOY_MODEL_DIR)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
+
+def load_toy_video_model(device="cpu", dtype=torch.float32):
+    """The toy fine-tuned on the synthetic video clips (:mod:`vtprune.toy.train_video`; stored in float16,
+    loaded as ``dtype``): ``(model, processor)``; prompts hold one ``<image>`` per frame."""
+    return _load(TOY_VIDEO_MODEL_DIR, "vtprune.toy.train_video", device, dtype)
 
 
 def load_toy_benchmark(split: str = "test"):

@@ -13,9 +13,14 @@ PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 
 
-def build_prompt(question: str) -> str:
-    """The toy model's prompt for one question (LLaVA-1.5 style, single image)."""
-    return PROMPT_TEMPLATE.format(question=question.strip().lower())
+def build_prompt(question: str, num_images: int = 1) -> str:
+    """The toy model's prompt for one question (LLaVA-1.5 style): one ``<image>`` line per image (a video's
+    frames are one image each, as LLaVA-OneVision feeds them)."""
+    if num_images < 1:
+        raise ValueError(f"the toy model reads at least one image, got num_images={num_images}")
+    return PROMPT_TEMPLATE.replace("<image>\n", "<image>\n" * num_images).format(
+        question=question.strip().lower()
+    )
 
 
 def build_tokenizer():

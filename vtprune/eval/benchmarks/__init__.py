@@ -40,7 +40,9 @@ from .mme import MME, MME_YES_NO_SUFFIX
 from .pope import POPE
 from .scienceqa import ScienceQAImg
 from .synthetic import SYNTHETIC_DIR, Synthetic
+from .synthetic_video import SYNTHETIC_VIDEO_DIR, SyntheticVideo
 from .textvqa import TextVQA
+from .videomme import VideoMME
 from .vqav2 import VQAv2
 
 __all__ = [
@@ -56,6 +58,7 @@ __all__ = [
     "SHORT_ANSWER_PROMPT",
     "OPTION_LETTER_PROMPT",
     "SYNTHETIC_DIR",
+    "SYNTHETIC_VIDEO_DIR",
     "LMMS_EVAL",
     "MME_YES_NO_SUFFIX",
     "MMBENCH_OPTIONS_HEADER",
@@ -67,6 +70,8 @@ __all__ = [
     "ScienceQAImg",
     "MMBenchEN",
     "Synthetic",
+    "SyntheticVideo",
+    "VideoMME",
 ]
 
 register_benchmark("vqav2", VQAv2)
@@ -78,3 +83,5 @@ register_benchmark("mme", MME)
 register_benchmark("scienceqa_img", ScienceQAImg)
 register_benchmark("mmbench_en", MMBenchEN)
 register_benchmark("synthetic", Synthetic)
+register_benchmark("synthetic_video", SyntheticVideo)
+register_benchmark("videomme", VideoMME)
