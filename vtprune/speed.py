@@ -385,18 +385,16 @@ def qwen2_vl_model(
         vision_start_token_id=QWEN_VSTART,
         vision_end_token_id=QWEN_VEND,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or previous)
-    try:
-        with torch.device(device or "cpu"):
-            model = tf.Qwen2VLForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    from .testing import instantiate
+
+    return instantiate(
+        tf.Qwen2VLForConditionalGeneration,
+        config,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def mid_qwen2_vl(device="cpu", dtype=torch.float32):

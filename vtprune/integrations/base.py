@@ -23,7 +23,35 @@ from ..errors import UnsupportedError, UsageError, UsageTypeError
 from ..runtime.visual_inputs import Modality, VisualSideInputs
 from .towers import VisionTower, get_tower
 
-__all__ = ["Integration", "TextDims", "grid_boxes", "load_processor"]
+__all__ = ["Integration", "NoVideoProcessorMixin", "TextDims", "grid_boxes", "load_processor"]
+
+
+class NoVideoProcessorMixin:
+    """Before a transformers processor class: the processor without its video processor (which needs
+    torchvision), for images and text. Loading ignores a saved ``video_processor``, a ``videos=`` call is refused
+    clearly, and ``save_pretrained`` records the full processor's class so that ``AutoProcessor`` loads it where
+    torchvision is installed."""
+
+    no_video_model_name: ClassVar[str] = ""  # in the refusal, e.g. "InternVL"
+    full_processor_class: ClassVar[str] = ""  # the full processor's class name, e.g. "InternVLProcessor"
+
+    @classmethod
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
+        return super().from_args_and_dict(args, processor_dict, **kwargs)
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise UsageError(
+                f"this {self.no_video_model_name} processor has no video processor (torchvision is not "
+                "installed): pass images only, or pip install torchvision and use AutoProcessor"
+            )
+        return super().__call__(images=images, text=text, **kwargs)
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["processor_class"] = self.full_processor_class
+        return out
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ import torch
 
 from ..errors import UsageError
 from ..registry import register_family
-from .base import Integration, grid_boxes
+from .base import Integration, NoVideoProcessorMixin, grid_boxes
 
 # also InternVLProcessorNoVideo, built lazily (module __getattr__)
 __all__ = ["InternVLIntegration", "load_processor", "no_video_processor_class"]
@@ -145,12 +145,15 @@ def no_video_processor_class():
     from transformers import InternVLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    class InternVLProcessorNoVideo(InternVLProcessor):
+    class InternVLProcessorNoVideo(NoVideoProcessorMixin, InternVLProcessor):
         """``InternVLProcessor`` for images and text, with no video processor (which needs torchvision).
 
         Load a saved InternVL folder with ``InternVLProcessorNoVideo.from_pretrained(folder)`` (the image
         processor resolves to ``GotOcr2ImageProcessorPil`` without torchvision); ``save_pretrained`` writes a
         plain ``InternVLProcessor`` folder."""
+
+        no_video_model_name = "InternVL"
+        full_processor_class = "InternVLProcessor"
 
         def __init__(
             self,
@@ -172,24 +175,6 @@ def no_video_processor_class():
             self.multimodal_pattern = re.compile(
                 f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})"
             )
-
-        @classmethod
-        def from_args_and_dict(cls, args, processor_dict, **kwargs):
-            processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
-            return super().from_args_and_dict(args, processor_dict, **kwargs)
-
-        def __call__(self, images=None, text=None, videos=None, **kwargs):
-            if videos is not None:
-                raise UsageError(
-                    "this InternVL processor was built without a video processor (torchvision is not "
-                    "installed): pass images only, or pip install torchvision and use AutoProcessor"
-                )
-            return super().__call__(images=images, text=text, **kwargs)
-
-        def to_dict(self):
-            out = super().to_dict()
-            out["processor_class"] = "InternVLProcessor"
-            return out
 
     InternVLProcessorNoVideo.__module__ = __name__  # importable (and picklable) as this module's attribute
     InternVLProcessorNoVideo.__qualname__ = "InternVLProcessorNoVideo"

@@ -38,8 +38,8 @@ import importlib.util
 
 import torch
 
-from ..errors import UsageError
 from ..registry import register_family
+from .base import NoVideoProcessorMixin
 from .llava_next import LlavaNextIntegration
 
 __all__ = ["LlavaOnevisionIntegration", "image_only_processor_class"]
@@ -87,7 +87,10 @@ def image_only_processor_class():
     from transformers import LlavaOnevisionProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    class LlavaOnevisionProcessorNoVideo(LlavaOnevisionProcessor):
+    class LlavaOnevisionProcessorNoVideo(NoVideoProcessorMixin, LlavaOnevisionProcessor):
+        no_video_model_name = "LLaVA-OneVision"
+        full_processor_class = "LlavaOnevisionProcessor"
+
         def __init__(
             self,
             image_processor=None,
@@ -110,23 +113,5 @@ def image_only_processor_class():
             self.video_token_id = getattr(tokenizer, "video_token_id", None) or ids(self.video_token)
             self.vision_aspect_ratio = vision_aspect_ratio
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-        @classmethod
-        def from_args_and_dict(cls, args, processor_dict, **kwargs):
-            processor_dict = {k: v for k, v in processor_dict.items() if k != "video_processor"}
-            return super().from_args_and_dict(args, processor_dict, **kwargs)
-
-        def __call__(self, images=None, text=None, videos=None, **kwargs):
-            if videos is not None:
-                raise UsageError(
-                    "this LLaVA-OneVision processor has no video processor (torchvision is not installed): "
-                    "pass images only, or pip install torchvision and use AutoProcessor"
-                )
-            return super().__call__(images=images, text=text, **kwargs)
-
-        def to_dict(self):
-            out = super().to_dict()
-            out["processor_class"] = "LlavaOnevisionProcessor"
-            return out
 
     return LlavaOnevisionProcessorNoVideo

@@ -18,7 +18,7 @@ from ..registry import register_method
 from ..runtime.parts import MethodParts, VisionProbe
 from ..runtime.selection import keep_count
 
-__all__ = ["FasterVLMConfig"]
+__all__ = ["FasterVLMConfig", "cls_attention_probe"]
 
 
 @dataclasses.dataclass
@@ -45,12 +45,18 @@ def _probe_scores(units):
     return [unit.score for unit in units]
 
 
-@register_method(FasterVLMConfig)
-def _parts(config: FasterVLMConfig, family) -> MethodParts:
+def cls_attention_probe(family, vision_layer: int | None) -> VisionProbe:
+    """FasterVLM's score: [CLS] attention at ``vision_layer`` (None: the feature layer), or the CLS-free
+    received attention on towers without [CLS] (also VisionZip's dominant-token score)."""
     tower = family.vision_tower()
     statistic = "cls" if tower.has_cls else "received"
+    return VisionProbe(statistic, tower.resolve_layer(vision_layer))
+
+
+@register_method(FasterVLMConfig)
+def _parts(config: FasterVLMConfig, family) -> MethodParts:
     return MethodParts(
-        probe=VisionProbe(statistic, tower.resolve_layer(config.vision_layer)),
+        probe=cls_attention_probe(family, config.vision_layer),
         scorer=_probe_scores,
         keep=functools.partial(keep_count, keep_ratio=config.keep_ratio),
         positions=config.positions,

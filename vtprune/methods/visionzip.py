@@ -47,8 +47,9 @@ import torch.nn.functional as F
 
 from ..config import VisualTokenConfig, check_int, check_number
 from ..registry import register_method
-from ..runtime.parts import MethodParts, Transform, VisionProbe
+from ..runtime.parts import MethodParts, Transform
 from ..runtime.selection import keep_count, top_k_indices
+from .fastervlm import cls_attention_probe
 
 __all__ = ["VisionZipConfig", "contextual_count", "visionzip_group", "visionzip_unit"]
 
@@ -149,10 +150,8 @@ def visionzip_transform(config: VisionZipConfig) -> Transform:
 
 @register_method(VisionZipConfig)
 def _parts(config: VisionZipConfig, family) -> MethodParts:
-    tower = family.vision_tower()
-    statistic = "cls" if tower.has_cls else "received"
     return MethodParts(
-        probe=VisionProbe(statistic, tower.resolve_layer(config.vision_layer)),
+        probe=cls_attention_probe(family, config.vision_layer),
         transform=visionzip_transform(config),
         positions=config.positions,
         budget=config.budget,

@@ -54,6 +54,23 @@ def register_tiny(family: TinyFamily) -> TinyFamily:
     return family
 
 
+def instantiate(cls, config, *, attn_implementation: str, seed: int, device=None, dtype=None):
+    """``cls(config)`` in eval mode with seeded random weights, built on ``device`` in ``dtype`` directly (no
+    CPU copy of a large model), and a generation config for fixed-length greedy runs (no EOS)."""
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device or "cpu"):
+            model = cls(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def _left_pad(rows: list[torch.Tensor]) -> dict:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import BOS, IMAGE_TOKEN, PAD, TinyFamily, _left_pad, register_tiny
+from . import BOS, IMAGE_TOKEN, PAD, TinyFamily, _left_pad, instantiate, register_tiny
 
 __all__ = [
     "tiny_internvl",
@@ -95,18 +95,14 @@ def tiny_internvl(
         vision_feature_select_strategy="default",
         pad_token_id=PAD,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or previous)
-    try:
-        with torch.device(device or "cpu"):
-            model = InternVLForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # fixed-length greedy runs in tests
-    return model
+    return instantiate(
+        InternVLForConditionalGeneration,
+        config,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def internvl_inputs(

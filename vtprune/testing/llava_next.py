@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from . import BOS, IMAGE_TOKEN, PAD, TinyFamily, _left_pad, register_tiny
+from . import BOS, IMAGE_TOKEN, PAD, TinyFamily, _left_pad, instantiate, register_tiny
 
 __all__ = [
     "tiny_llava_next",
@@ -88,18 +88,14 @@ def tiny_llava_next(
         image_grid_pinpoints=grid_pinpoints or tiny_pinpoints(image_size),
         pad_token_id=PAD,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or previous)
-    try:
-        with torch.device(device or "cpu"):
-            model = LlavaNextForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None  # fixed-length greedy runs in tests
-    return model
+    return instantiate(
+        LlavaNextForConditionalGeneration,
+        config,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def _views(model, size, cropped: bool) -> int:

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from . import BOS, IMAGE_TOKEN, PAD, TinyFamily, register_tiny
+from . import BOS, IMAGE_TOKEN, PAD, TinyFamily, instantiate, register_tiny
 from .llava_next import anyres_inputs, tiny_pinpoints, word_tokenizer
 
 __all__ = [
@@ -92,18 +90,14 @@ def tiny_llava_onevision(
         image_grid_pinpoints=grid_pinpoints or tiny_pinpoints(image_size),
         pad_token_id=PAD,
     )
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype or previous)
-    try:
-        with torch.device(device or "cpu"):
-            model = LlavaOnevisionForConditionalGeneration(config).eval()
-    finally:
-        torch.set_default_dtype(previous)
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return instantiate(
+        LlavaOnevisionForConditionalGeneration,
+        config,
+        attn_implementation=attn_implementation,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
 
 
 def onevision_inputs(

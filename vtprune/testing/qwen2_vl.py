@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import BOS, PAD, TinyFamily, _left_pad, register_tiny
+from . import BOS, PAD, TinyFamily, _left_pad, instantiate, register_tiny
 
 __all__ = ["tiny_qwen2_vl", "tiny_qwen2_5_vl", "qwen_vl_inputs", "qwen_vl_media_inputs", "QWEN_VIDEO"]
 
@@ -69,12 +69,7 @@ def _tiny_qwen_vl(
         cls = tf.Qwen2_5_VLForConditionalGeneration
     else:
         raise ValueError(f"version must be '2' or '2.5', got {version!r}")
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return instantiate(cls, config, attn_implementation=attn_implementation, seed=seed)
 
 
 def qwen_vl_inputs(model, grids=((1, 8, 8), (1, 8, 12)), text_lengths=(4, 7), seed: int = 0) -> dict:

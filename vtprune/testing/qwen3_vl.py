@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from . import BOS, PAD, TinyFamily, register_tiny
+from . import BOS, PAD, TinyFamily, instantiate, register_tiny
 from .qwen2_vl import QWEN_IMAGE, QWEN_VEND, QWEN_VIDEO, QWEN_VSTART, qwen_vl_inputs
 
 __all__ = ["tiny_qwen3_vl", "tiny_qwen3_vl_moe", "mid_qwen3_vl", "QWEN_VIDEO"]
@@ -83,13 +81,7 @@ def _tiny_qwen3_vl(
     else:
         config = tf.Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
         cls = tf.Qwen3VLForConditionalGeneration
-    config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
-        model = cls(config).eval()
-    model.generation_config.pad_token_id = PAD
-    model.generation_config.eos_token_id = None
-    return model
+    return instantiate(cls, config, attn_implementation=attn_implementation, seed=seed, device=device)
 
 
 def mid_qwen3_vl(device="cpu", moe: bool = False):
